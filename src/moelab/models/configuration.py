@@ -1,0 +1,74 @@
+"""Hugging Face config of a moelab model: `ModelConfig` flattened (MoE knobs prefixed `moe_`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from transformers import PretrainedConfig
+
+from moelab.config import MoEConfig, ModelConfig
+
+_MOE_PREFIX = "moe_"
+
+
+class MoelabLMConfig(PretrainedConfig):
+    """Flat, JSON-serialisable twin of `ModelConfig` plus the expert-parallel size."""
+
+    model_type = "moelab"
+    attribute_map: ClassVar[dict[str, str]] = {
+        "tie_word_embeddings": "tie_embeddings",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "max_position_embeddings": "max_seq_len",
+        "initializer_range": "init_std",
+    }
+
+    name: str = "tiny_dense"
+    ffn: str = "dense"
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    mlp_ratio: float = 8.0
+    mlp_hidden_size: int | None = None
+    vocab_size: int = 50304
+    vocab_multiple: int = 128
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_affine: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    planning_only: bool = False
+    moe_num_experts: int = 8
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 1.25
+    moe_eval_capacity_factor: float = 2.0
+    moe_min_capacity: int = 4
+    moe_drop_tokens: bool = True
+    moe_use_rts: bool = True
+    moe_noisy_gate_policy: str | None = None
+    moe_top2_2nd_expert_sampling: bool = True
+    moe_moe_layer_frequency: int = 1
+    moe_aux_loss_coeff: float = 0.01
+    moe_expert_mlp_ratio: float = 8.0
+    moe_expert_hidden_size: int | None = None
+    ep_size: int = 1
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, ep_size: int = 1) -> MoelabLMConfig:
+        fields: dict[str, Any] = {
+            f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "moe"
+        }
+        for f in dataclasses.fields(cfg.moe):
+            fields[_MOE_PREFIX + f.name] = getattr(cfg.moe, f.name)
+        return cls(**fields, ep_size=ep_size)
+
+    def to_model_config(self) -> ModelConfig:
+        moe = MoEConfig(
+            **{f.name: getattr(self, _MOE_PREFIX + f.name) for f in dataclasses.fields(MoEConfig)}
+        )
+        names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "moe"]
+        return ModelConfig(**{n: getattr(self, n) for n in names}, moe=moe)

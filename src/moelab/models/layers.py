@@ -1,0 +1,92 @@
+"""Building blocks in OLMo's conventions: norm, RoPE, grouped-query attention, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import ModelConfig
+
+NORM_EPS = 1e-5
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm or RMSNorm; `norm_affine=False` gives a norm without any parameter."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(
+            cfg.d_model, eps=NORM_EPS, elementwise_affine=cfg.norm_affine, bias=False
+        )
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=NORM_EPS, elementwise_affine=cfg.norm_affine)
+    raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half convention); cos/sin are computed per call, so no buffers to load."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        return emb.cos(), emb.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin(q.shape[-2], q.device)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query causal attention: `n_kv_heads` key/value heads shared by the query heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.rope = RotaryEmbedding(hd, cfg.rope_theta)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_heads)
+        k = self._heads(self.k_proj(x), self.n_kv_heads)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        q, k = self.rope(q, k)
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP: fused gate+up `Linear(d, 2*hidden)`, output `Linear(hidden, d)`, no biases."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, gate = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

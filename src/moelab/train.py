@@ -1,0 +1,155 @@
+"""Training entry point, run on every rank by the deepspeed CLI.
+
+    deepspeed --no_local_rank --module moelab.train --config <run dir>/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelab import data, engine
+from moelab.config import MoelabConfig, load_config, to_container
+from moelab.models import build_model
+from moelab.telemetry import Sink, make_sink
+from moelab.telemetry.sink import flatten
+
+
+@dataclass
+class Window:
+    """Running sums between two metric logs."""
+
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    aux_loss: float = 0.0
+    micro_steps: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, out: Any) -> None:
+        self.loss += float(out.loss.detach())
+        self.lm_loss += float(out.lm_loss.detach())
+        self.aux_loss += float(out.aux_loss.detach())
+        self.micro_steps += 1
+
+
+def train_step(ds_engine: Any, batches: Iterator[dict[str, torch.Tensor]], window: Window) -> None:
+    """One optimizer step: grad_accum micro-steps; DeepSpeed steps at the boundary."""
+    for _ in range(ds_engine.gradient_accumulation_steps()):
+        ids = next(batches)["input_ids"].to(ds_engine.device)  # (B, T)
+        out = ds_engine(ids, labels=ids)
+        ds_engine.backward(out.loss)
+        ds_engine.step()
+        window.add(out)
+
+
+@torch.no_grad()
+def evaluate(ds_engine: Any, loader: Any, max_batches: int) -> dict[str, float]:
+    """Mean held-out LM loss over all ranks."""
+    ds_engine.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        ids = batch["input_ids"].to(ds_engine.device)
+        total += float(ds_engine(ids, labels=ids).lm_loss)
+        n += 1
+    ds_engine.train()
+    (loss,) = engine.all_reduce_mean([total / max(n, 1)], ds_engine.device)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def window_metrics(w: Window, ds_engine: Any, tokens_per_step: int) -> dict[str, float]:
+    """Metrics of one logging window, averaged over micro-steps and ranks."""
+    n = max(w.micro_steps, 1)
+    loss, lm, aux = engine.all_reduce_mean(
+        [w.loss / n, w.lm_loss / n, w.aux_loss / n], ds_engine.device
+    )
+    step_time = w.seconds / max(w.steps, 1)
+    grad_norm = ds_engine.get_global_grad_norm()
+    metrics = {
+        "train/loss": loss,
+        "train/lm_loss": lm,
+        "train/aux_loss": aux,
+        "train/lr": ds_engine.get_lr()[0],
+        "perf/step_time_s": step_time,
+        "perf/tokens_per_s": tokens_per_step / step_time if step_time > 0 else 0.0,
+    }
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, n_params: int) -> None:
+    """Params and config artifacts (rank 0's sink writes, others ignore)."""
+    sink.log_params(flatten(to_container(cfg)))
+    sink.set_tags({"params_total": str(n_params)})
+    sink.log_text((run_dir / "config.yaml").read_text(), "config/resolved.yaml")
+    sink.log_artifact(run_dir / "ds_config.json", "config")
+
+
+def run(cfg: MoelabConfig) -> None:
+    """Build everything and train for cfg.train.steps optimizer steps."""
+    t = cfg.train
+    info = engine.init_distributed(cfg.parallel.ep_size)
+    engine.set_threads(t.threads_per_rank, info.local_world_size)
+    engine.once_per_node(info, lambda: data.prepare_data(cfg.data))
+    dsets, _ = data.load_prepared(cfg.data)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
+    run_dir = Path(cfg.run_dir)
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    ds_engine = engine.initialize(model, ds_config)
+    engine.expert_ranks_check(info)
+    sink = make_sink(info.is_rank0)
+    log_run_inputs(sink, cfg, run_dir, sum(p.numel() for p in model.parameters()))
+    loop(cfg, info, ds_engine, dsets, sink)
+    sink.close()
+
+
+def loop(cfg: MoelabConfig, info: engine.DistInfo, ds_engine: Any, dsets: Any, sink: Sink) -> None:
+    t = cfg.train
+    train_loader = data.build_loader(
+        dsets["train"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=True
+    )
+    val_loader = data.build_loader(
+        dsets["validation"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=False
+    )
+    batches = data.infinite_batches(train_loader)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len * info.world_size
+    window = Window()
+    bar = sink.progress(total=t.steps)
+    for step in range(1, t.steps + 1):
+        start = time.perf_counter()
+        train_step(ds_engine, batches, window)
+        window.seconds += time.perf_counter() - start
+        window.steps += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            metrics = window_metrics(window, ds_engine, tokens_per_step)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            sink.log_metrics(metrics, step)
+            window = Window()
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="moelab rank entry point")
+    parser.add_argument("--config", required=True, help="resolved config.yaml of the run")
+    args = parser.parse_args(argv)
+    run(load_config(args.config))
+
+
+if __name__ == "__main__":
+    main()

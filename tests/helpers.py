@@ -1,0 +1,26 @@
+"""Helpers shared by the tests (not fixtures)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def launcher_env(workdir: Path, cache: Path) -> dict[str, str]:
+    """Environment for a moelab-launch subprocess working in `workdir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        {
+            "PATH": f"{BIN}:{env.get('PATH', '')}",
+            "MOELAB_CACHE": str(cache),
+            "DS_ACCELERATOR": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        }
+    )
+    return env
