@@ -35,7 +35,7 @@ def run_tags(cfg: MoelabConfig) -> dict[str, str]:
         "variant": cfg.model.name,
         "ffn": cfg.model.ffn,
         "zero_stage": str(cfg.zero.stage),
-        "ep_size": str(cfg.parallel.ep_size if cfg.model.is_moe else 1),
+        "ep_size": str(cfg.ep_size),
         "world_size": str(cfg.world_size),
         "nodes": str(cfg.cluster.nodes),
         "git_commit": git_commit(),

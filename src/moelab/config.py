@@ -287,6 +287,11 @@ class MoelabConfig:
     def world_size(self) -> int:
         return self.cluster.nodes * self.cluster.nproc_per_node
 
+    @property
+    def ep_size(self) -> int:
+        """Expert-parallel size in effect (1 for a dense model, which has no experts)."""
+        return self.parallel.ep_size if self.model.is_moe else 1
+
 
 def load_config(path: str | Path) -> MoelabConfig:
     """Merge a resolved config.yaml into the schema (type-checked, unknown keys rejected)."""

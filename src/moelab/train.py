@@ -19,6 +19,7 @@ import torch
 from moelab import data, engine
 from moelab.config import MoelabConfig, load_config, to_container
 from moelab.models import build_model
+from moelab.models.sizing import ParamCount, count_model_params
 from moelab.telemetry import Sink, make_sink
 from moelab.telemetry.sink import flatten
 
@@ -89,20 +90,28 @@ def window_metrics(w: Window, ds_engine: Any, tokens_per_step: int) -> dict[str,
     return metrics
 
 
-def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, n_params: int) -> None:
-    """Params and config artifacts (rank 0's sink writes, others ignore)."""
+def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, params: ParamCount) -> None:
+    """Params, sizes and config artifacts (rank 0's sink writes, others ignore)."""
     sink.log_params(flatten(to_container(cfg)))
-    sink.set_tags({"params_total": str(n_params)})
+    sink.set_tags({"params_total": str(params.total), "params_active": str(params.active)})
     sink.log_text((run_dir / "config.yaml").read_text(), "config/resolved.yaml")
     sink.log_artifact(run_dir / "ds_config.json", "config")
+
+
+def prepare(cfg: MoelabConfig, world_size: int) -> None:
+    """Tokenize and cache the corpus; fail with one sentence if it cannot feed this run."""
+    prepared = data.prepare_data(cfg.data)
+    if prepared.vocab_size > cfg.model.padded_vocab_size:
+        data.check_vocab(data.load_prepared(cfg.data)[1], cfg.model.padded_vocab_size)
+    data.ensure_enough(prepared, cfg.train.micro_batch_size, world_size)
 
 
 def run(cfg: MoelabConfig) -> None:
     """Build everything and train for cfg.train.steps optimizer steps."""
     t = cfg.train
-    info = engine.init_distributed(cfg.parallel.ep_size)
+    info = engine.init_distributed(cfg.ep_size)
     engine.set_threads(t.threads_per_rank, info.local_world_size)
-    engine.once_per_node(info, lambda: data.prepare_data(cfg.data))
+    engine.once_per_node(info, lambda: prepare(cfg, info.world_size))
     dsets, _ = data.load_prepared(cfg.data)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
@@ -111,7 +120,7 @@ def run(cfg: MoelabConfig) -> None:
     ds_engine = engine.initialize(model, ds_config)
     engine.expert_ranks_check(info)
     sink = make_sink(info.is_rank0)
-    log_run_inputs(sink, cfg, run_dir, sum(p.numel() for p in model.parameters()))
+    log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
     loop(cfg, info, ds_engine, dsets, sink)
     sink.close()
 

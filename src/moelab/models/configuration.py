@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from moelab.config import MoEConfig, ModelConfig
+from moelab.config import ModelConfig, MoEConfig
 
 _MOE_PREFIX = "moe_"
 

@@ -1,0 +1,118 @@
+"""Transformer blocks and the registry that maps `ModelConfig.ffn` to a block builder.
+
+Every block's forward returns `(hidden, l_aux, exp_counts | None)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.models.layers import CausalSelfAttention, SwiGLU, build_norm
+from moelab.moe import MoEFFN
+
+BlockOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything a block builder needs: the model config and where this block lives."""
+
+    cfg: ModelConfig
+    layer_idx: int
+    ep_size: int = 1
+    ep_rank: int = 0
+    seed: int = 0
+
+
+def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> MoEFFN:
+    cfg = spec.cfg
+    return MoEFFN(
+        cfg.d_model,
+        SwiGLU(cfg.d_model, cfg.expert_hidden),
+        cfg.moe,
+        layer_idx=spec.layer_idx,
+        ep_size=spec.ep_size,
+        ep_rank=spec.ep_rank,
+        seed=spec.seed,
+        init_std=cfg.init_std,
+        use_residual=use_residual,
+    )
+
+
+class DenseBlock(nn.Module):
+    """`h = x + Attn(LN1(x)); out = h + MLP(LN2(h))`."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        cfg = spec.cfg
+        self.attn_norm = build_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> BlockOutput:
+        h = x + self.attn(self.attn_norm(x))
+        return h + self.mlp(self.mlp_norm(h)), x.new_zeros(()), None
+
+
+class MoEBlock(nn.Module):
+    """The dense block with its MLP replaced by DeepSpeed's MoE layer (or PR-MoE)."""
+
+    def __init__(self, spec: BlockSpec, use_residual: bool = False) -> None:
+        super().__init__()
+        cfg = spec.cfg
+        self.attn_norm = build_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = build_norm(cfg)
+        self.moe = build_moe_ffn(spec, use_residual=use_residual)
+
+    def forward(self, x: torch.Tensor) -> BlockOutput:
+        h = x + self.attn(self.attn_norm(x))
+        y, l_aux, exp_counts = self.moe(self.mlp_norm(h))
+        return h + y, l_aux, exp_counts
+
+
+class ArcticBlock(nn.Module):
+    """`h = x + Attn(LN_in(x)); out = h + DenseMLP(LN_res(h)) + MoE(LN_moe(x))`."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        cfg = spec.cfg
+        self.attn_norm = build_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        self.moe_norm = build_norm(cfg)
+        self.moe = build_moe_ffn(spec)
+
+    def forward(self, x: torch.Tensor) -> BlockOutput:
+        # The MoE reads the block input, in parallel with attention and the dense MLP.
+        y, l_aux, exp_counts = self.moe(self.moe_norm(x))
+        h = x + self.attn(self.attn_norm(x))
+        return h + self.mlp(self.mlp_norm(h)) + y, l_aux, exp_counts
+
+
+def _pr_moe_block(spec: BlockSpec) -> MoEBlock:
+    return MoEBlock(spec, use_residual=True)
+
+
+BLOCK_BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {
+    "dense": DenseBlock,
+    "moe": MoEBlock,
+    "arctic": ArcticBlock,
+    "pr_moe": _pr_moe_block,
+}
+
+
+def build_block(spec: BlockSpec) -> nn.Module:
+    """The block of layer `spec.layer_idx`: dense unless `cfg.is_moe_layer(layer_idx)`."""
+    cfg = spec.cfg
+    if cfg.ffn not in BLOCK_BUILDERS:
+        raise ValueError(f"unknown ffn {cfg.ffn!r}; known: {sorted(BLOCK_BUILDERS)}")
+    kind = cfg.ffn if cfg.is_moe_layer(spec.layer_idx) else "dense"
+    return BLOCK_BUILDERS[kind](spec)

@@ -1,0 +1,128 @@
+"""`MoelabForCausalLM`: embedding, blocks chosen by `ffn`, final norm, (tied) LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from moelab.config import ModelConfig
+from moelab.models.blocks import BlockSpec, build_block
+from moelab.models.configuration import MoelabLMConfig
+from moelab.models.layers import build_norm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoelabCausalLMOutput(ModelOutput):
+    """`loss = lm_loss + aux_loss_coeff * aux_loss`; `aux_loss` sums l_aux over MoE layers."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exp_counts: tuple[torch.Tensor, ...] | None = None
+
+
+class MoelabBackbone(nn.Module):
+    """Token embedding, the blocks and the final norm."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int, ep_rank: int, seed: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            build_block(BlockSpec(cfg, i, ep_size=ep_size, ep_rank=ep_rank, seed=seed))
+            for i in range(cfg.n_layers)
+        )
+        self.norm = build_norm(cfg)
+
+    def forward(
+        self, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        aux: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
+        for block in self.layers:
+            h, l_aux, exp_counts = block(h)
+            if exp_counts is not None:
+                aux.append(l_aux)
+                counts.append(exp_counts)
+        return self.norm(h), aux, counts
+
+
+class MoelabForCausalLM(PreTrainedModel):
+    """Decoder-only LM in OLMo's conventions with a dense, MoE, Arctic or PR-MoE FFN."""
+
+    config_class = MoelabLMConfig
+    config: MoelabLMConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+    _supports_sdpa = True
+
+    def __init__(self, config: MoelabLMConfig, ep_rank: int = 0, seed: int = 0) -> None:
+        super().__init__(config)
+        cfg = config.to_model_config()
+        self.moe_cfg = cfg.moe
+        self.model = MoelabBackbone(cfg, config.ep_size, ep_rank, seed)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+            init.ones_(module.weight)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
+    ) -> MoelabCausalLMOutput:
+        """Causal LM over `input_ids` (B, T); other keywords (attention_mask, ...) are ignored."""
+        if input_ids.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[-1]} > max_seq_len")
+        h, aux, counts = self.model(input_ids)
+        logits = self.lm_head(h)  # (B, T, V)
+        aux_loss = torch.stack(aux).sum() if aux else logits.new_zeros((), dtype=torch.float32)
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = shifted_cross_entropy(logits, labels)
+            loss = lm_loss + self.moe_cfg.aux_loss_coeff * aux_loss
+        return MoelabCausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, exp_counts=tuple(counts)
+        )
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss: position t predicts labels[t + 1]; -100 is ignored."""
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    target = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
+
+
+def build_model(
+    cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0
+) -> MoelabForCausalLM:
+    """A freshly initialised model; non-expert weights depend on `seed` only, experts on their
+    global id and `seed`, so every EP layout starts from the same weights."""
+    torch.manual_seed(seed)
+    config = MoelabLMConfig.from_model_config(cfg, ep_size=ep_size)
+    return MoelabForCausalLM(config, ep_rank=ep_rank, seed=seed)
