@@ -1,8 +1,8 @@
 """moelab-launch: compose, validate, render, create the MLflow run, run deepspeed.
 
-    moelab-launch model=tiny_moe_top2 zero=stage2 parallel=ep2
-    moelab-launch -m model=tiny_dense,tiny_moe_top1,tiny_moe_top2,tiny_arctic
-    moelab-launch ... launch.dry_run=true     # render and print, run nothing
+moelab-launch model=tiny_moe_top2 zero=stage2 parallel=ep2
+moelab-launch -m model=tiny_dense,tiny_moe_top1,tiny_moe_top2,tiny_arctic
+moelab-launch ... launch.dry_run=true     # render and print, run nothing
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from launcher.compose import register_schema, to_schema
+from launcher.compose import CONFIG_DIR, register_schema, to_schema
 from launcher.render import render, write_script
 from launcher.validate import ConfigError, validate
 from moelab.config import MoelabConfig
@@ -50,7 +50,7 @@ def launch(cfg: MoelabConfig, run_dir: Path) -> int:
     return code
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def app(dcfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
