@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check launcher src tests benchmarks
-	$(VENV)/bin/ruff format --check launcher src tests benchmarks
+	$(VENV)/bin/ruff check launcher src tests
+	$(VENV)/bin/ruff format --check launcher src tests
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy launcher src

@@ -1,7 +1,7 @@
 """moelab-plan: parameters, FLOPs per token and the expert-parallel layout of a config.
 
-    moelab-plan model=seed_600m_moe
-    moelab-plan model=seed_600m_moe plan.format=json
+moelab-plan model=seed_600m_moe
+moelab-plan model=seed_600m_moe plan.format=json
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def build_plan(cfg: MoelabConfig) -> dict[str, Any]:
 
 def format_text(plan: dict[str, Any]) -> str:
     p, ep = plan["params"], plan["ep_layout"]
+    more = " ..." if len(ep["ep_groups"]) > 8 else ""
     lines = [
         f"model {plan['model']} (ffn={plan['ffn']})",
         f"  parameters  total {plan['params_total']:>16,}   active/token "
@@ -71,7 +72,7 @@ def format_text(plan: dict[str, Any]) -> str:
         f"  MoE layers  {plan['moe_layers'] or 'none'}",
         f"  world {ep['world_size']}  ep_size {ep['ep_size']}  experts/rank "
         f"{ep['experts_per_rank']}",
-        f"    EP groups            {ep['ep_groups'][:8]}{' ...' if len(ep['ep_groups']) > 8 else ''}",
+        f"    EP groups            {ep['ep_groups'][:8]}{more}",
         f"    expert-DP groups     {ep['expert_data_parallel_groups'][:8]}",
     ]
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def write_script(files: RunFiles) -> None:
         "# Rendered by moelab-launch. Re-run by hand with: bash command.sh",
         "set -euo pipefail",
         f"cd {shlex.quote(os.getcwd())}",
-        f"export PATH={shlex.quote(str(bin_dir))}:\"$PATH\"",
+        f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
         *(f"export {k}={shlex.quote(v)}" for k, v in sorted(files.env.items())),
         "exec " + shlex.join(files.command),
     ]

@@ -1,6 +1,6 @@
 """Print the latest finished run of each variant in an experiment as one table.
 
-    python -m launcher.summary --experiment demo
+python -m launcher.summary --experiment demo
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def latest_per_variant(client: Any, experiment: str) -> list[Any]:
     if exp is None:
         raise SystemExit(f"no MLflow experiment named {experiment!r}")
     runs = client.search_runs(
-        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"]
+        [exp.experiment_id],
+        "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
     )
     seen: dict[str, Any] = {}
     for run in runs:
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     client = MlflowClient(tracking_uri=uri)
     runs = latest_per_variant(client, args.experiment)
     print(format_table([row(client, r) for r in runs]))
-    print(f"\nOpen the MLflow UI on these runs:  make mlflow-ui   (or: mlflow ui "
-          f"--backend-store-uri {uri}) and browse to http://127.0.0.1:5000")
+    print(
+        f"\nOpen the MLflow UI on these runs:  make mlflow-ui   (or: mlflow ui "
+        f"--backend-store-uri {uri}) and browse to http://127.0.0.1:5000"
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from moelab.config import (
     NOISY_GATE_POLICIES,
     NORM_KINDS,
     PRECISIONS,
-    MoelabConfig,
     ModelConfig,
+    MoelabConfig,
 )
 
 

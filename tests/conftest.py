@@ -18,4 +18,3 @@ def repo() -> Path:
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data cache for all launches of the session (tokenizer trained once)."""
     return tmp_path_factory.mktemp("moelab-cache")
-

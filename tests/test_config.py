@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from launcher.compose import CONFIG_DIR, compose_config, to_schema
 from launcher.validate import validate

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import launcher_env
 from mlflow.tracking import MlflowClient
 
+from helpers import launcher_env
 from launcher.compose import compose_config, to_schema
 from moelab.models.sizing import count_params
 
@@ -29,7 +29,9 @@ def launch(workdir: Path, cache: Path, *overrides: str, timeout: int = 600) -> s
 
 
 def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> None:
-    out = launch(tmp_path, shared_cache, "model=tiny_moe_top2", "parallel=ep2", "launch.dry_run=true")
+    out = launch(
+        tmp_path, shared_cache, "model=tiny_moe_top2", "parallel=ep2", "launch.dry_run=true"
+    )
     (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
     assert {"config.yaml", "ds_config.json", "command.sh"} <= {p.name for p in run_dir.iterdir()}
     command = out.strip().splitlines()[-1]

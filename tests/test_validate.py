@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import launcher_env
 from launcher.compose import compose_config, to_schema
 from launcher.validate import ConfigError, validate
-
-from helpers import launcher_env
 
 BAD = [
     (["model=tiny_moe_top2", "zero=stage3"], "zero=stage3 does not work with model.ffn=moe"),

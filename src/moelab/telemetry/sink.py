@@ -62,9 +62,7 @@ class MLflowSink:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        items = [
-            Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing
-        ]
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
