@@ -1,6 +1,6 @@
 """Training entry point, run on every rank by the deepspeed CLI.
 
-    deepspeed --no_local_rank --module moelab.train --config <run dir>/config.yaml
+deepspeed --no_local_rank --module moelab.train --config <run dir>/config.yaml
 """
 
 from __future__ import annotations
