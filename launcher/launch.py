@@ -8,11 +8,30 @@ import subprocess
 import sys
 from types import FrameType
 
+from launcher.hostfile import Resources, active_resources
 from launcher.render import RunFiles
+from launcher.validate import ConfigError
+from moelab.config import MULTI_HOST_BACKENDS, MoelabConfig
+
+
+def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
+    """Hosts and world size from the hostfile (multi-host backends); None on one machine."""
+    c = cfg.cluster
+    if c.backend not in MULTI_HOST_BACKENDS:
+        return None
+    if not c.hostfile:
+        raise ConfigError(f"cluster={c.backend} needs cluster.hostfile=<path>.")
+    resources = active_resources(c)
+    c.nodes = len(resources.hosts)
+    c.world_size = resources.world_size
+    return resources
 
 
 def execute(files: RunFiles) -> int:
     """Run command.sh in its own process group; signals to the launcher reach all ranks."""
+    if len(files.commands) > 1:
+        for n in range(1, len(files.commands)):
+            print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
     proc = subprocess.Popen(
         ["bash", str(files.script)],
         stdout=subprocess.PIPE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -12,8 +13,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launcher.hostfile import Resources
 from moelab.config import MoelabConfig
 from moelab.engine import build_ds_config
+
+# Forwarded from the launcher's environment to every rank when set.
+PASS_THROUGH = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME", "PYTHONPATH")
 
 
 @dataclass
@@ -21,12 +26,22 @@ class RunFiles:
     """What the launcher wrote and will execute."""
 
     run_dir: Path
-    command: list[str]
+    commands: list[list[str]]
+    """One command per script: the head's first, then node 1.. for backend no_ssh."""
     env: dict[str, str] = field(default_factory=dict)
+    env_file: bool = False
+    """Write .deepspeed_env (pdsh and MPI carry it to the other hosts)."""
+
+    @property
+    def command(self) -> list[str]:
+        return self.commands[0]
 
     @property
     def script(self) -> Path:
         return self.run_dir / "command.sh"
+
+    def node_script(self, node_rank: int) -> Path:
+        return self.script if node_rank == 0 else self.run_dir / f"node_{node_rank}.sh"
 
     @property
     def log(self) -> Path:
@@ -36,27 +51,34 @@ class RunFiles:
 def free_port() -> int:
     """A TCP port free on this host right now (for the rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
-def absolutize(cfg: MoelabConfig, run_dir: Path) -> None:
-    """Fix paths relative to the launch directory so every rank reads the same ones."""
+def absolutize(cfg: MoelabConfig, run_dir: Path, resources: Resources | None) -> None:
+    """Fix paths and addresses so every rank on every host reads the same ones."""
     cfg.run_dir = str(run_dir.resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
     cfg.data.data_files = [str(Path(f).resolve()) for f in cfg.data.data_files]
     if cfg.cluster.master_port is None:
         cfg.cluster.master_port = free_port()
+    if resources is not None:
+        cfg.cluster.master_addr = cfg.cluster.master_addr or resources.first_host
 
 
-def deepspeed_command(cfg: MoelabConfig, run_dir: Path) -> list[str]:
-    """The exact deepspeed CLI invocation (local backend)."""
+def _hostfile_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
     c = cfg.cluster
+    args = [f"--hostfile={run_dir / 'hostfile'}"]
+    args += [f"--include={c.include}"] if c.include else []
+    args += [f"--exclude={c.exclude}"] if c.exclude else []
+    args += [f"--num_nodes={c.num_nodes}"] if c.num_nodes > 0 else []
+    return [*args, f"--master_addr={c.master_addr}", f"--master_port={c.master_port}"]
+
+
+def _train_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
+    # --no_local_rank: Hydra-style argv on the ranks; LOCAL_RANK comes from the env.
     return [
-        "deepspeed",
-        f"--num_gpus={c.nproc_per_node}",
-        f"--master_port={c.master_port}",
-        "--no_local_rank",  # Hydra-style argv on the ranks; LOCAL_RANK comes from the env
+        "--no_local_rank",
         *cfg.launch.extra_args,
         "--module",
         "moelab.train",
@@ -65,37 +87,108 @@ def deepspeed_command(cfg: MoelabConfig, run_dir: Path) -> list[str]:
     ]
 
 
-def rank_env(cfg: MoelabConfig) -> dict[str, str]:
-    """Environment the ranks need on top of the launcher's."""
-    threads = cfg.train.threads_per_rank or max(
-        1, (os.cpu_count() or 1) // cfg.cluster.nproc_per_node
-    )
-    return {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+def deepspeed_commands(cfg: MoelabConfig, run_dir: Path, nodes: int) -> list[list[str]]:
+    """The exact deepspeed CLI invocation(s) for the cluster backend."""
+    c, train = cfg.cluster, _train_args(cfg, run_dir)
+    if c.backend == "local":
+        port = f"--master_port={c.master_port}"
+        return [["deepspeed", f"--num_gpus={c.nproc_per_node}", port, *train]]
+    hosts = _hostfile_args(cfg, run_dir)
+    if c.backend == "no_ssh":
+        return [["deepspeed", *hosts, "--no_ssh", f"--node_rank={n}", *train] for n in range(nodes)]
+    launcher = ["--launcher=openmpi"] if c.backend == "openmpi" else []
+    check = ["--no_ssh_check"] if c.no_ssh_check else []
+    return [["deepspeed", *launcher, *hosts, *check, *train]]
 
 
-def write_script(files: RunFiles) -> None:
-    """command.sh: the environment and the command, re-runnable by hand."""
+def rank_env(cfg: MoelabConfig, slots_per_host: int) -> dict[str, str]:
+    """Environment every rank needs on top of its host's."""
+    threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // slots_per_host)
+    env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env.update({k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)})
+    if cfg.cluster.socket_ifname:
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = cfg.cluster.socket_ifname
+    if cfg.cluster.ssh_args:
+        env["PDSH_SSH_ARGS_APPEND"] = cfg.cluster.ssh_args
+    env.update(cfg.cluster.env)
+    return env
+
+
+def write_scripts(files: RunFiles) -> None:
+    """command.sh (and node_N.sh): the environment and the command, re-runnable by hand."""
     bin_dir = Path(sys.executable).parent
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(files.env.items())]
+    if files.env_file:
+        env_file = files.run_dir / ".deepspeed_env"
+        # DeepSpeed reads KEY=VALUE lines verbatim: no quoting, no blank lines.
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(files.env.items())))
+        exports.append(f"export DS_ENV_FILE={shlex.quote(str(env_file))}")
+    for n, command in enumerate(files.commands):
+        lines = [
+            "#!/usr/bin/env bash",
+            "# Rendered by moelab-launch. Re-run by hand with: bash " + files.node_script(n).name,
+            "set -euo pipefail",
+            f"cd {shlex.quote(os.getcwd())}",
+            f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
+            *exports,
+            "exec " + shlex.join(command),
+        ]
+        files.node_script(n).write_text("\n".join(lines) + "\n")
+        files.node_script(n).chmod(0o755)
+
+
+def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
+    """job.sbatch: one `deepspeed --no_ssh --node_rank=$SLURM_NODEID` per node via srun."""
+    c, run_dir = cfg.cluster, files.run_dir
+    hostfile = run_dir / "hostfile.slurm"
+    node_cmd = [
+        "deepspeed",
+        f"--hostfile={hostfile}",
+        "--no_ssh",
+        f"--master_port={c.master_port}",
+        *_train_args(cfg, run_dir),
+    ]
+    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(files.env.items()))
+    step = (
+        f"cd {shlex.quote(os.getcwd())}; {exports}"
+        f'exec {shlex.join(node_cmd)} --node_rank="$SLURM_NODEID" --master_addr="$MASTER"'
+    )
     lines = [
         "#!/usr/bin/env bash",
-        "# Rendered by moelab-launch. Re-run by hand with: bash command.sh",
+        f"#SBATCH --job-name=moelab-{cfg.model.name}",
+        f"#SBATCH --nodes={c.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --time={c.slurm_time}",
+        f"#SBATCH --output={run_dir / 'slurm-%j.out'}",
+        *([f"#SBATCH --partition={c.slurm_partition}"] if c.slurm_partition else []),
         "set -euo pipefail",
-        f"cd {shlex.quote(os.getcwd())}",
-        f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
-        *(f"export {k}={shlex.quote(v)}" for k, v in sorted(files.env.items())),
-        "exec " + shlex.join(files.command),
+        'export MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={c.nproc_per_node}/"'
+        f" > {shlex.quote(str(hostfile))}",
+        f"srun --ntasks-per-node=1 bash -c {shlex.quote(step)}",
     ]
-    files.script.write_text("\n".join(lines) + "\n")
-    files.script.chmod(0o755)
+    path = run_dir / "job.sbatch"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
-def render(cfg: MoelabConfig, run_dir: Path) -> RunFiles:
-    """Write config.yaml (resolved), ds_config.json and command.sh into run_dir."""
+def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None) -> RunFiles:
+    """Write config.yaml (resolved), ds_config.json, the hostfile and the scripts."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    absolutize(cfg, run_dir)
+    absolutize(cfg, run_dir, resources)
+    if resources is not None and cfg.cluster.hostfile:
+        shutil.copyfile(cfg.cluster.hostfile, run_dir / "hostfile")
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     ds_config = build_ds_config(cfg)
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    files = RunFiles(run_dir=run_dir, command=deepspeed_command(cfg, run_dir), env=rank_env(cfg))
-    write_script(files)
+    slots = max(len(s) for s in resources.hosts.values()) if resources else None
+    files = RunFiles(
+        run_dir=run_dir,
+        commands=deepspeed_commands(cfg, run_dir, cfg.cluster.nodes),
+        env=rank_env(cfg, slots or cfg.cluster.nproc_per_node),
+        env_file=cfg.cluster.backend in ("hostfile", "openmpi"),
+    )
+    if cfg.cluster.backend == "slurm":
+        files.commands = [["sbatch", str(write_sbatch(files, cfg))]]
+    write_scripts(files)
     return files

@@ -5,19 +5,26 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from moelab.config import MoelabConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT_TAG = "mlflow.parentRunId"
 
 
-def resolve_uri(cfg: MoelabConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local paths absolute."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+def absolute_uri(uri: str | None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local sqlite paths absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def resolve_uri(cfg: MoelabConfig) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local paths absolute."""
+    return absolute_uri(cfg.tracking.uri)
 
 
 def git_commit() -> str:
@@ -43,19 +50,50 @@ def run_tags(cfg: MoelabConfig) -> dict[str, str]:
     }
 
 
-def create_run(cfg: MoelabConfig, uri: str) -> str:
-    """Create (or reuse) the experiment and a RUNNING run; return its id."""
+def mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    name = cfg.tracking.run_name or Path(cfg.run_dir).name
-    run = client.create_run(exp_id, run_name=name, tags=run_tags(cfg))
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, created if missing."""
+    exp = client.get_experiment_by_name(name)
+    return str(exp.experiment_id if exp else client.create_experiment(name))
+
+
+def create_run(
+    cfg: MoelabConfig,
+    uri: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Create (or reuse) the experiment and a RUNNING run; return its id.
+
+    With `parent_run_id` (a sweep job) the run is a child of that run in the MLflow UI.
+    """
+    client = mlflow_client(uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    name = cfg.tracking.run_name or run_name or Path(cfg.run_dir).name
+    all_tags = {**run_tags(cfg), **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
     return str(run.info.run_id)
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
+def create_parent_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -> str:
+    """A RUNNING run that only groups the runs of a sweep (no metrics of its own)."""
+    client = mlflow_client(uri)
+    run = client.create_run(experiment_id(client, experiment), run_name=name, tags=tags)
+    return str(run.info.run_id)
 
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    mlflow_client(uri).log_text(run_id, text, artifact_file)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    mlflow_client(uri).set_terminated(run_id, status)

@@ -5,6 +5,8 @@ Each rule raises ConfigError with one sentence naming the key and the fix. Torch
 
 from __future__ import annotations
 
+import re
+
 from moelab.config import (
     CLUSTER_BACKENDS,
     DATA_SOURCES,
@@ -15,6 +17,10 @@ from moelab.config import (
     ModelConfig,
     MoelabConfig,
 )
+
+IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
 
 class ConfigError(ValueError):
@@ -143,9 +149,34 @@ def validate_cluster(cfg: MoelabConfig) -> None:
     c = cfg.cluster
     _one_of("cluster.backend", c.backend, CLUSTER_BACKENDS)
     _require(c.nproc_per_node >= 1, "cluster.nproc_per_node must be at least 1.")
+    _require(c.nodes >= 1, "cluster.nodes must be at least 1.")
     _require(c.backend != "local" or c.nodes == 1, "cluster=local runs on one node; set nodes=1.")
     port = c.master_port
     _require(port is None or 1024 <= port <= 65535, "cluster.master_port must be 1024-65535.")
+    _require(
+        c.master_addr is None or _plain_host(c.master_addr),
+        f"cluster.master_addr={c.master_addr!r} is not a plain host name or IP address.",
+    )
+    _require(
+        c.socket_ifname is None or IFNAME.match(c.socket_ifname) is not None,
+        f"cluster.socket_ifname={c.socket_ifname!r} is not a network interface name.",
+    )
+    _require("\n" not in c.ssh_args, "cluster.ssh_args must be one line.")
+    for key, value in c.env.items():
+        _require(
+            ENV_KEY.match(key) is not None and "\n" not in str(value),
+            f"cluster.env.{key} must be a NAME=one-line-value pair.",
+        )
+    _require(
+        SLURM_TIME.match(c.slurm_time) is not None,
+        f"cluster.slurm_time={c.slurm_time!r} is not a Slurm time such as 01:30:00 or 2-00:00:00.",
+    )
+
+
+def _plain_host(name: str) -> bool:
+    from launcher.hostfile import is_plain_host
+
+    return is_plain_host(name)
 
 
 def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:

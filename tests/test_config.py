@@ -12,7 +12,17 @@ from launcher.compose import CONFIG_DIR, compose_config, to_schema
 from launcher.validate import validate
 from moelab.config import MoelabConfig, load_config, to_container
 
-GROUPS = ["model", "zero", "parallel", "data", "train", "cluster", "tracking", "experiment"]
+GROUPS = [
+    "model",
+    "zero",
+    "parallel",
+    "data",
+    "train",
+    "cluster",
+    "tracking",
+    "telemetry",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:

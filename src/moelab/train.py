@@ -21,6 +21,7 @@ from moelab.config import MoelabConfig, load_config, to_container
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
 from moelab.telemetry import Sink, make_sink
+from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
 
 
@@ -32,8 +33,6 @@ class Window:
     lm_loss: float = 0.0
     aux_loss: float = 0.0
     micro_steps: int = 0
-    seconds: float = 0.0
-    steps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
     def add(self, out: Any) -> None:
@@ -43,7 +42,9 @@ class Window:
         self.micro_steps += 1
 
 
-def train_step(ds_engine: Any, batches: Iterator[dict[str, torch.Tensor]], window: Window) -> None:
+def train_step(
+    ds_engine: Any, batches: Iterator[dict[str, torch.Tensor]], window: Window, tel: Telemetry
+) -> None:
     """One optimizer step: grad_accum micro-steps; DeepSpeed steps at the boundary."""
     for _ in range(ds_engine.gradient_accumulation_steps()):
         ids = next(batches)["input_ids"].to(ds_engine.device)  # (B, T)
@@ -51,6 +52,7 @@ def train_step(ds_engine: Any, batches: Iterator[dict[str, torch.Tensor]], windo
         ds_engine.backward(out.loss)
         ds_engine.step()
         window.add(out)
+        tel.on_micro_step(out)
 
 
 @torch.no_grad()
@@ -69,21 +71,18 @@ def evaluate(ds_engine: Any, loader: Any, max_batches: int) -> dict[str, float]:
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
 
-def window_metrics(w: Window, ds_engine: Any, tokens_per_step: int) -> dict[str, float]:
-    """Metrics of one logging window, averaged over micro-steps and ranks."""
+def window_metrics(w: Window, ds_engine: Any) -> dict[str, float]:
+    """Loss metrics of one logging window, averaged over micro-steps and ranks."""
     n = max(w.micro_steps, 1)
     loss, lm, aux = engine.all_reduce_mean(
         [w.loss / n, w.lm_loss / n, w.aux_loss / n], ds_engine.device
     )
-    step_time = w.seconds / max(w.steps, 1)
     grad_norm = ds_engine.get_global_grad_norm()
     metrics = {
         "train/loss": loss,
         "train/lm_loss": lm,
         "train/aux_loss": aux,
         "train/lr": ds_engine.get_lr()[0],
-        "perf/step_time_s": step_time,
-        "perf/tokens_per_s": tokens_per_step / step_time if step_time > 0 else 0.0,
     }
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
@@ -121,11 +120,15 @@ def run(cfg: MoelabConfig) -> None:
     engine.expert_ranks_check(info)
     sink = make_sink(info.is_rank0)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
-    loop(cfg, info, ds_engine, dsets, sink)
+    tel = Telemetry(cfg, info, ds_engine.module, sink)
+    loop(cfg, info, ds_engine, dsets, sink, tel)
+    tel.close()
     sink.close()
 
 
-def loop(cfg: MoelabConfig, info: engine.DistInfo, ds_engine: Any, dsets: Any, sink: Sink) -> None:
+def loop(
+    cfg: MoelabConfig, info: engine.DistInfo, ds_engine: Any, dsets: Any, sink: Sink, tel: Telemetry
+) -> None:
     t = cfg.train
     train_loader = data.build_loader(
         dsets["train"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=True
@@ -134,17 +137,16 @@ def loop(cfg: MoelabConfig, info: engine.DistInfo, ds_engine: Any, dsets: Any, s
         dsets["validation"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=False
     )
     batches = data.infinite_batches(train_loader)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len * info.world_size
     window = Window()
     bar = sink.progress(total=t.steps)
     for step in range(1, t.steps + 1):
         start = time.perf_counter()
-        train_step(ds_engine, batches, window)
-        window.seconds += time.perf_counter() - start
-        window.steps += 1
+        train_step(ds_engine, batches, window, tel)
+        tel.on_step(time.perf_counter() - start)  # train steps only: eval is not timed
         bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            metrics = window_metrics(window, ds_engine, tokens_per_step)
+        metrics = tel.maybe_log(step)  # {} except on logging steps (collectives: all ranks)
+        if metrics:
+            metrics |= window_metrics(window, ds_engine)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             sink.log_metrics(metrics, step)
             window = Window()

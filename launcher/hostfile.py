@@ -1,0 +1,113 @@
+"""DeepSpeed hostfiles, parsed strictly: nothing that is not a plain host name or address
+ever reaches pdsh, ssh or a shell.
+
+Format (DeepSpeed's): one `hostname slots=N` per line, `#` starts a comment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.validate import ConfigError
+from moelab.config import ClusterConfig
+
+HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
+
+
+def is_plain_host(name: str) -> bool:
+    """A DNS host name (labels of letters, digits, `-`, `_`) or an IPv4/IPv6 address."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    labels = name.split(".")
+    return len(name) <= 253 and all(HOST_LABEL.match(label) for label in labels)
+
+
+def _parse_line(raw: str, where: str) -> tuple[str, int] | None:
+    text = raw.split("#", 1)[0].strip()
+    if not text:
+        return None
+    match = LINE.match(text)
+    if match is None:
+        raise ConfigError(f"{where}: expected `hostname slots=N`, got {text!r}.")
+    host, slots = match["host"], match["slots"]
+    if not is_plain_host(host):
+        raise ConfigError(f"{where}: {host!r} is not a plain host name or IP address.")
+    if not slots.isdigit() or int(slots) < 1:
+        raise ConfigError(f"{where}: slots={slots} must be a positive whole number.")
+    return host, int(slots)
+
+
+def parse_hostfile(path: str | Path) -> OrderedDict[str, int]:
+    """Host -> slots, in file order; ConfigError on any malformed line or duplicate host."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"cluster.hostfile={path} does not exist; give a hostfile path.")
+    hosts: OrderedDict[str, int] = OrderedDict()
+    for n, raw in enumerate(p.read_text().splitlines(), start=1):
+        entry = _parse_line(raw, f"cluster.hostfile line {n}")
+        if entry is None:
+            continue
+        host, slots = entry
+        if host in hosts:
+            raise ConfigError(f"cluster.hostfile line {n}: host {host} is listed twice.")
+        hosts[host] = slots
+    if not hosts:
+        raise ConfigError(f"cluster.hostfile={path} lists no hosts; add `hostname slots=N`.")
+    return hosts
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The hosts and slots a launch will use, after include/exclude/num_nodes."""
+
+    hosts: OrderedDict[str, list[int]]
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(s) for s in self.hosts.values())
+
+    @property
+    def first_host(self) -> str:
+        return next(iter(self.hosts))
+
+
+def _check_filter(key: str, spec: str, pool: OrderedDict[str, int]) -> None:
+    for node in filter(None, spec.split("@")):
+        host = node.split(":", 1)[0]
+        if host not in pool:
+            raise ConfigError(f"{key}={spec!r} names host {host!r}, which the hostfile lacks.")
+
+
+def active_resources(cluster: ClusterConfig) -> Resources:
+    """Apply DeepSpeed's own include/exclude parser and num_nodes to the hostfile."""
+    assert cluster.hostfile is not None
+    pool = parse_hostfile(cluster.hostfile)
+    _check_filter("cluster.include", cluster.include, pool)
+    _check_filter("cluster.exclude", cluster.exclude, pool)
+    if cluster.include and cluster.exclude:
+        raise ConfigError("cluster.include and cluster.exclude are exclusive; set only one.")
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    try:
+        active = parse_inclusion_exclusion(pool, cluster.include, cluster.exclude)
+    except ValueError as err:
+        raise ConfigError(f"cluster.include/exclude: {err}.") from None
+    hosts = OrderedDict((h, list(s)) for h, s in active.items() if s)
+    if cluster.num_nodes > 0:
+        if cluster.num_nodes > len(hosts):
+            raise ConfigError(
+                f"cluster.num_nodes={cluster.num_nodes} exceeds the {len(hosts)} hosts "
+                "of the hostfile; lower it."
+            )
+        hosts = OrderedDict(list(hosts.items())[: cluster.num_nodes])
+    if not hosts:
+        raise ConfigError("cluster.include/exclude leave no host; loosen the filter.")
+    return Resources(hosts)

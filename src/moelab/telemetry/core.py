@@ -1,0 +1,204 @@
+"""`Telemetry`: the one object the training loop talks to.
+
+    tel = Telemetry(cfg, info, model, sink)
+    ... every micro-step: tel.on_micro_step(out); every optimizer step: tel.on_step(seconds)
+    metrics = tel.maybe_log(step)   # {} except on logging steps; one collective then
+    tel.close()
+
+It runs the same code on every rank (collectives included); only the sink is rank-gated.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelab.config import MoelabConfig
+from moelab.engine import DistInfo
+from moelab.flops import flops_per_token
+from moelab.telemetry import plots
+from moelab.telemetry.moe import MoeTelemetry
+from moelab.telemetry.perf import Peak, device_peak, perf_metrics
+from moelab.telemetry.sink import MLflowSink, NullSink, Sink
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def gather_rows(vec: torch.Tensor) -> torch.Tensor:
+    """(world, n): every rank's vector, in one collective (just `vec` without a process group)."""
+    dist = _dist()
+    if dist is None:
+        return vec.unsqueeze(0)
+    rows = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, vec)
+    return torch.stack(rows)
+
+
+def version_tags() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for pkg in ("torch", "deepspeed", "transformers", "mlflow"):
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            tags[f"version.{pkg}"] = "missing"
+    return tags
+
+
+class Telemetry:
+    """Perf, MoE and system telemetry of one rank, logged through the rank-gated `sink`."""
+
+    def __init__(
+        self, cfg: MoelabConfig, info: DistInfo, model: torch.nn.Module, sink: Sink
+    ) -> None:
+        t, self.tcfg, self.sink = cfg.train, cfg.telemetry, sink
+        self.log_every, self.last_step = t.log_every, t.steps
+        self.samples_per_step = t.micro_batch_size * t.grad_accum * info.world_size
+        self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
+        self.world_size, self.device = info.world_size, next(model.parameters()).device
+        self.enabled = self.tcfg.enabled
+        self.seconds, self.steps = 0.0, 0
+        self.history: list[tuple[int, torch.Tensor]] = []
+        self.plot_dir = Path(tempfile.mkdtemp(prefix="moelab-plots-"))
+        # No plots for a sink that drops them (other ranks' NullSink).
+        self.writes = getattr(sink, "writes_artifacts", not isinstance(sink, NullSink))
+        # Heatmaps are drawn and logged off the training thread (~50 ms each on a CPU core).
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelab-plots")
+        self.pending: list[Future[None]] = []
+        self.moe: MoeTelemetry | None = None
+        self.monitor: Any = None
+        if not self.enabled:
+            return
+        self.flops = flops_per_token(cfg.model, cfg.data.seq_len).training
+        cache = self.tcfg.cpu_peak_cache or str(Path(cfg.data.cache_dir) / "peak_flops.json")
+        self.peak = device_peak(t.precision, Path(cache), self.tcfg.peak_tflops)
+        if cfg.model.is_moe:
+            tokens = t.micro_batch_size * cfg.data.seq_len
+            self.moe = MoeTelemetry(model, cfg.model.moe, tokens, info.ep_size)
+        self._tags(info, self.peak)
+        self._start_system_metrics()
+
+    def _tags(self, info: DistInfo, peak: Peak) -> None:
+        hosts = [socket.gethostname()]
+        dist = _dist()
+        if dist is not None:
+            hosts = [""] * info.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+        tags = version_tags() | {
+            "perf.peak_tflops": f"{peak.tflops:.4g}",
+            "perf.peak_source": peak.source,
+            "hostnames": ",".join(sorted(set(hosts))),
+            "layout": f"world={info.world_size} local={info.local_world_size} "
+            f"ep={info.ep_size} hosts={len(set(hosts))}",
+            "telemetry.moe_timers": "layer+gate wall_clock_breakdown, backward a2a wrapped",
+        }
+        self.sink.set_tags(tags)
+
+    def _start_system_metrics(self) -> None:
+        if not (self.tcfg.system_metrics and isinstance(self.sink, MLflowSink)):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            self.sink.run_id,
+            sampling_interval=self.tcfg.system_metrics_interval,
+            node_id=socket.gethostname(),
+            tracking_uri=self.sink.client.tracking_uri,
+        )
+        self.monitor.start()
+
+    def on_micro_step(self, out: Any) -> None:
+        """After each training forward: expert counts of every MoE layer (kept on device)."""
+        if self.moe is not None:
+            self.moe.on_micro_step(getattr(out, "exp_counts", None))
+
+    def on_step(self, step_seconds: float) -> None:
+        """After each optimizer step: its wall time (train only) and the MoE timers."""
+        self.seconds += step_seconds
+        self.steps += 1
+        if self.moe is not None:
+            self.moe.on_step()
+
+    def maybe_log(self, step: int) -> dict[str, float]:
+        """Metrics of the window ending at `step` on logging steps (all ranks), else {}."""
+        if step % self.log_every and step != self.last_step:
+            return {}
+        metrics = self._collect(step) if self.enabled else self._local_perf()
+        self.seconds, self.steps = 0.0, 0
+        return metrics
+
+    def _local_perf(self) -> dict[str, float]:
+        step_time = self.seconds / max(self.steps, 1)
+        return {
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_s": self.tokens_per_step / step_time if step_time else 0.0,
+            "perf/samples_per_s": self.samples_per_step / step_time if step_time else 0.0,
+        }
+
+    def _collect(self, step: int) -> dict[str, float]:
+        head = torch.tensor([self.seconds, float(self.steps)], dtype=torch.float64)
+        vec = head if self.moe is None else torch.cat([head, self.moe.vector()])
+        rows = gather_rows(vec.to(self.device)).cpu()
+        step_time = float((rows[:, 0] / rows[:, 1].clamp_min(1)).max())
+        metrics = perf_metrics(
+            step_time,
+            self.tokens_per_step,
+            self.samples_per_step,
+            self.flops,
+            self.world_size,
+            self.peak,
+        )
+        if self.moe is not None:
+            moe = self.moe.metrics(rows[:, 2:], self.steps, step_time * 1e3)
+            self._plots(step, moe.pop("_shares"))
+            metrics |= moe
+            self.moe.reset()
+        return metrics
+
+    def _plots(self, step: int, shares: torch.Tensor) -> None:
+        self.history.append((step, shares))
+        every = self.tcfg.heatmap_every
+        previous = self.history[-2][0] if len(self.history) > 1 else 0
+        if not (self.writes and every and step // every > previous // every):
+            return
+        layers = self.moe.layers if self.moe else []
+        self.pending.append(self.pool.submit(self._heatmap, shares, layers, step))
+
+    def _heatmap(self, shares: torch.Tensor, layers: list[int], step: int) -> None:
+        path = self.plot_dir / f"expert_load_step{step}.png"
+        plots.load_heatmap(shares, layers, step, path)
+        self.sink.log_artifact(path, "plots")
+
+    def close(self) -> None:
+        """Final plots, comms summary, stop the system-metrics thread (all ranks call it)."""
+        for fut in self.pending:
+            fut.result()
+        self.pool.shutdown()
+        if self.moe is not None:
+            if self.writes and self.history:
+                path = self.plot_dir / "expert_load_over_time.png"
+                plots.load_over_time(self.history, self.moe.layers, path)
+                self.sink.log_artifact(path, "plots")
+            self.moe.close()
+        if self.tcfg.comms_profile and _dist() is not None:
+            self._comms_summary()
+        if self.monitor is not None:
+            self.monitor.finish()
+
+    def _comms_summary(self) -> None:
+        import json
+
+        import deepspeed.comm
+
+        summary = deepspeed.comm.log_summary(return_dict=True)  # synchronizes all ranks
+        self.sink.log_text(json.dumps(summary, indent=1, default=str), "report/comms_summary.json")

@@ -1,0 +1,160 @@
+"""Hostfiles and cluster settings: bad ones fail with one sentence before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import launcher_env
+from launcher.compose import compose_config, to_schema
+from launcher.hostfile import is_plain_host, parse_hostfile
+from launcher.launch import resolve_cluster
+from launcher.validate import ConfigError, validate
+
+MOE = ["model=tiny_moe_top2", "zero=stage2"]
+
+# (hostfile text or None for "no file", extra overrides, expected fragment of the message)
+BAD: list[tuple[str | None, list[str], str]] = [
+    ("a;touch /tmp/x slots=1\n", [], "expected `hostname slots=N`, got 'a;touch /tmp/x"),
+    ("a;touch slots=1\n", [], "'a;touch' is not a plain host name"),
+    ("$(id) slots=1\n", [], "'$(id)' is not a plain host name"),
+    ("-oProxyCommand=x slots=1\n", [], "'-oProxyCommand=x' is not a plain host name"),
+    ("`id` slots=1\n", [], "is not a plain host name"),
+    ("host|nc slots=1\n", [], "is not a plain host name"),
+    ("node1 slots=1\nnode1 slots=2\n", [], "host node1 is listed twice"),
+    ("", [], "lists no hosts"),
+    ("# only a comment\n\n", [], "lists no hosts"),
+    ("node1 slots=0\n", [], "slots=0 must be a positive whole number"),
+    ("node1 slots=-2\n", [], "slots=-2 must be a positive whole number"),
+    ("node1 slots=two\n", [], "slots=two must be a positive whole number"),
+    ("node1\n", [], "expected `hostname slots=N`"),
+    ("node1 slots=1 extra\n", [], "expected `hostname slots=N`"),
+    (None, [], "does not exist"),
+    ("n1 slots=1\nn2 slots=1\nn3 slots=1\n", ["parallel=ep2"], "does not divide the world size 3"),
+    ("n1 slots=3\n", ["parallel=ep2"], "does not divide the world size 3"),
+    ("n1 slots=2\nn2 slots=2\n", ["parallel=ep8"], "does not divide model.moe.num_experts=4"),
+    ("n1 slots=1\n", ["cluster.include=n9"], "names host 'n9', which the hostfile lacks"),
+    ("n1 slots=1\n", ["cluster.exclude=n1"], "leave no host"),
+    ("n1 slots=1\n", ["cluster.num_nodes=3"], "cluster.num_nodes=3 exceeds the 1 hosts"),
+    ("n1 slots=1\n", ["cluster.include=n1", "cluster.exclude=n1"], "are exclusive"),
+    ("n1 slots=1\n", ["cluster.master_addr='x;y'"], "cluster.master_addr='x;y' is not a plain"),
+    ("n1 slots=1\n", ["cluster.socket_ifname='eth0;id'"], "is not a network interface name"),
+    ("n1 slots=1\n", ["+cluster.env.BAD-KEY=1"], "cluster.env.BAD-KEY must be"),
+]
+
+
+def compose(hostfile: Path, overrides: list[str]) -> list[str]:
+    return [*MOE, "cluster=hostfile", f"cluster.hostfile={hostfile}", *overrides]
+
+
+@pytest.mark.parametrize(("text", "overrides", "message"), BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_hostfile_or_cluster(
+    text: str | None, overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    hostfile = tmp_path / "hostfile"
+    if text is not None:
+        hostfile.write_text(text)
+    cfg = to_schema(compose_config(compose(hostfile, overrides)))
+    with pytest.raises(ConfigError) as err:
+        resolve_cluster(cfg)
+        validate(cfg)
+    assert message in str(err.value)
+    assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+def test_good_hostfile_sets_world(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(
+        "# head\nnode-a slots=2  # trailing comment\n10.0.0.2 slots=2\nfe80::1 slots=2\n"
+    )
+    assert parse_hostfile(hostfile) == {"node-a": 2, "10.0.0.2": 2, "fe80::1": 2}
+    cfg = to_schema(compose_config(compose(hostfile, ["parallel=ep2", "cluster.num_nodes=2"])))
+    resources = resolve_cluster(cfg)
+    validate(cfg)
+    assert resources is not None and list(resources.hosts) == ["node-a", "10.0.0.2"]
+    assert cfg.world_size == 4 and cfg.cluster.nodes == 2
+    cfg = to_schema(compose_config(compose(hostfile, ["cluster.include=node-a:1@10.0.0.2"])))
+    assert resolve_cluster(cfg) is not None and cfg.world_size == 3
+
+
+def test_plain_host_names() -> None:
+    for ok in ("node1", "gpu-node-01.cluster.local", "10.77.0.1", "::1", "a_b"):
+        assert is_plain_host(ok), ok
+    for bad in ("", "-x", "a b", "a;b", "$(id)", "a/b", "host:22", "a..b", "x" * 300):
+        assert not is_plain_host(bad), bad
+
+
+@pytest.mark.parametrize("index", [0, 2, 3, 15], ids=["semicolon", "subshell", "dash-option", "ep"])
+def test_cli_rejects_before_any_process(index: int, tmp_path: Path, shared_cache: Path) -> None:
+    text, overrides, message = BAD[index]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text or "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", *compose(hostfile, overrides)],
+        cwd=tmp_path,
+        env=launcher_env(tmp_path, shared_cache),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("command.sh")), "nothing rendered"
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not Path("/tmp/x").exists()
+
+
+def test_dry_run_example_2x8(tmp_path: Path, shared_cache: Path, repo: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "launcher", "cluster=hostfile", "model=moe_top2"),
+            f"cluster.hostfile={repo / 'hostfiles/example_2x8.txt'}",
+            *("parallel.ep_size=8", "launch.dry_run=true"),
+        ],
+        cwd=tmp_path,
+        env=launcher_env(tmp_path, shared_cache),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.strip().splitlines()[-1]
+    assert command.startswith("deepspeed --hostfile=") and "--master_addr=gpu-node-01" in command
+    (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
+    assert (run_dir / "hostfile").read_text().count("slots=8") == 2
+    env_lines = (run_dir / ".deepspeed_env").read_text().splitlines()
+    assert env_lines and all("=" in ln and ln.strip() for ln in env_lines)
+    assert "DS_ENV_FILE=" in (run_dir / "command.sh").read_text()
+    assert '"train_batch_size": 128' in (run_dir / "ds_config.json").read_text()
+
+
+def test_backends_render(tmp_path: Path) -> None:
+    """no_ssh: one script per node; openmpi: the MPI runner; slurm: a job.sbatch with srun."""
+    from launcher.render import render
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=2\nh2 slots=2\n")
+    runs = {}
+    for backend in ("no_ssh", "openmpi", "slurm"):
+        extra = [] if backend == "slurm" else [f"cluster.hostfile={hostfile}"]
+        cfg = to_schema(compose_config([*MOE, f"cluster={backend}", *extra, "parallel=ep2"]))
+        resources = resolve_cluster(cfg)
+        validate(cfg)
+        runs[backend] = render(cfg, tmp_path / backend, resources)
+    no_ssh = runs["no_ssh"]
+    assert [c[c.index("--no_ssh") + 1] for c in no_ssh.commands] == [
+        "--node_rank=0",
+        "--node_rank=1",
+    ]
+    assert "--master_addr=h1" in no_ssh.commands[1]
+    assert (tmp_path / "no_ssh" / "node_1.sh").read_text().count("--node_rank=1") == 1
+    assert runs["openmpi"].command[:2] == ["deepspeed", "--launcher=openmpi"]
+    sbatch = (tmp_path / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in sbatch and "srun --ntasks-per-node=1" in sbatch
+    assert '--node_rank="$SLURM_NODEID"' in sbatch and "slots=8" in sbatch
+    assert runs["slurm"].command[0] == "sbatch"
