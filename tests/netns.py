@@ -28,13 +28,12 @@ def missing_prerequisite() -> str | None:
     if shutil.which("ip") is None:
         return "needs iproute2's `ip`"
     if shutil.which("sshd", path="/usr/sbin:/usr/bin") is None or shutil.which("pdsh") is None:
-        proc = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"]
+        proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+        if proc.returncode != 0:  # a fresh machine has no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
+            proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
         if proc.returncode != 0:
             return "could not install openssh-server and pdsh: " + proc.stderr[-300:]
     return None

@@ -17,7 +17,10 @@ from mlflow.tracking import MlflowClient
 from helpers import launcher_env
 from netns import IFNAME, TwoHosts
 
-TRAIN = ["model=tiny_moe_top2", "zero=stage2", "parallel=ep2", "train=smoke", "train.steps=8"]
+TRAIN = [
+    *("model=tiny_moe_top2", "zero=stage2", "parallel=ep2", "train=smoke", "train.steps=8"),
+    "telemetry.system_metrics_interval=1",
+]
 
 
 def check_run(workdir: Path) -> None:
@@ -27,6 +30,8 @@ def check_run(workdir: Path) -> None:
     assert run.data.tags["world_size"] == "2" and run.data.tags["nodes"] == "2"
     assert run.data.metrics["moe/a2a_ms"] > 0, "the all-to-all ran between the hosts"
     assert 0 < run.data.metrics["moe/a2a_fraction"] < 1
+    nodes = {k.split("/")[1].rsplit("-", 1)[1] for k in run.data.metrics if k.startswith("system/")}
+    assert nodes == {"node0", "node1"}, "system metrics from both hosts"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert losses[-1] < losses[0]
 

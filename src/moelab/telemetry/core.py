@@ -24,7 +24,7 @@ from moelab.flops import flops_per_token
 from moelab.telemetry import plots
 from moelab.telemetry.moe import MoeTelemetry
 from moelab.telemetry.perf import Peak, device_peak, perf_metrics
-from moelab.telemetry.sink import MLflowSink, NullSink, Sink
+from moelab.telemetry.sink import NullSink, Sink, start_system_metrics
 
 
 def _dist() -> Any:
@@ -86,7 +86,7 @@ class Telemetry:
             tokens = t.micro_batch_size * cfg.data.seq_len
             self.moe = MoeTelemetry(model, cfg.model.moe, tokens, info.ep_size)
         self._tags(info, self.peak)
-        self._start_system_metrics()
+        self._start_system_metrics(info)
 
     def _tags(self, info: DistInfo, peak: Peak) -> None:
         hosts = [socket.gethostname()]
@@ -104,18 +104,9 @@ class Telemetry:
         }
         self.sink.set_tags(tags)
 
-    def _start_system_metrics(self) -> None:
-        if not (self.tcfg.system_metrics and isinstance(self.sink, MLflowSink)):
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self.monitor = SystemMetricsMonitor(
-            self.sink.run_id,
-            sampling_interval=self.tcfg.system_metrics_interval,
-            node_id=socket.gethostname(),
-            tracking_uri=self.sink.client.tracking_uri,
-        )
-        self.monitor.start()
+    def _start_system_metrics(self, info: DistInfo) -> None:
+        if self.tcfg.system_metrics:
+            self.monitor = start_system_metrics(info, self.tcfg.system_metrics_interval)
 
     def on_micro_step(self, out: Any) -> None:
         """After each training forward: expert counts of every MoE layer (kept on device)."""

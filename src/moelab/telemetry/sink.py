@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from moelab.engine import DistInfo
 
 MAX_PARAM_LEN = 6000  # MLflow's param value limit
 
@@ -112,3 +116,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def start_system_metrics(info: DistInfo, interval_s: float) -> Any:
+    """MLflow system metrics from every node: local rank 0 samples its host.
+
+    Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
+    hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled.
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if info.local_rank != 0 or not run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    node = os.environ.get("CROSS_RANK", "0")  # the deepspeed launcher's node index
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=interval_s,
+        node_id=f"{socket.gethostname()}-node{node}",
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+    )
+    monitor.start()
+    return monitor
