@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +25,17 @@ def launcher_env(workdir: Path, cache: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+def run_launcher(
+    workdir: Path, cache: Path, *args: str, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """`python -m launcher ARGS` in `workdir` (its MLflow store and run dirs land there)."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=workdir,
+        env=launcher_env(workdir, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import launcher_env
+from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
 from launcher.hostfile import is_plain_host, parse_hostfile
 from launcher.launch import resolve_cluster
@@ -92,14 +90,7 @@ def test_cli_rejects_before_any_process(index: int, tmp_path: Path, shared_cache
     text, overrides, message = BAD[index]
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(text or "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *compose(hostfile, overrides)],
-        cwd=tmp_path,
-        env=launcher_env(tmp_path, shared_cache),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launcher(tmp_path, shared_cache, *compose(hostfile, overrides), timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and message in errors[0], proc.stderr
@@ -110,18 +101,9 @@ def test_cli_rejects_before_any_process(index: int, tmp_path: Path, shared_cache
 
 
 def test_dry_run_example_2x8(tmp_path: Path, shared_cache: Path, repo: Path) -> None:
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "launcher", "cluster=hostfile", "model=moe_top2"),
-            f"cluster.hostfile={repo / 'hostfiles/example_2x8.txt'}",
-            *("parallel.ep_size=8", "launch.dry_run=true"),
-        ],
-        cwd=tmp_path,
-        env=launcher_env(tmp_path, shared_cache),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["cluster=hostfile", "model=moe_top2", "parallel.ep_size=8", "launch.dry_run=true"]
+    hostfile = f"cluster.hostfile={repo / 'hostfiles/example_2x8.txt'}"
+    proc = run_launcher(tmp_path, shared_cache, hostfile, *args, timeout=120)
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip().splitlines()[-1]
     assert command.startswith("deepspeed --hostfile=") and "--master_addr=gpu-node-01" in command

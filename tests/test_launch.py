@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import launcher_env
+from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
 from moelab.models.sizing import count_params
 
 
 def launch(workdir: Path, cache: Path, *overrides: str, timeout: int = 600) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *overrides],
-        cwd=workdir,
-        env=launcher_env(workdir, cache),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_launcher(workdir, cache, *overrides, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 

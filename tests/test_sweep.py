@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +9,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import launcher_env
+from helpers import run_launcher
 from launcher import sweep
 from launcher.compose import compose_config
 
 TINY = ["zero=stage2", "parallel=ep2", "train=smoke", "train.steps=4"]
-
-
-def run_launcher(workdir: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=workdir,
-        env=launcher_env(workdir, cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def sweep_runs(workdir: Path, experiment: str = "moelab") -> tuple[MlflowClient, Any, list[Any]]:

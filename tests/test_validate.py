@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import launcher_env
+from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
 from launcher.validate import ConfigError, validate
 
@@ -62,14 +60,7 @@ def test_dense_with_zero3_is_fine() -> None:
 def test_cli_rejects_before_launch(
     overrides: list[str], message: str, tmp_path: Path, shared_cache: Path
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *overrides],
-        cwd=tmp_path,
-        env=launcher_env(tmp_path, shared_cache),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launcher(tmp_path, shared_cache, *overrides, timeout=120)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [lines[0]] and message in lines[0], proc.stderr
