@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint typecheck unit clean mlflow-ui
+.PHONY: install demo test lint typecheck unit clean mlflow-ui mlflow-server
 
 install: $(STAMP)
 
@@ -40,6 +40,22 @@ demo: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# A tracking server for a team without Docker (docker/compose.yaml is the containerised one):
+# the project's sqlite store, or $$MLFLOW_BACKEND_URI (e.g. postgresql+psycopg2://...);
+# artifacts served by the server from mlartifacts/. Loopback only unless MLFLOW_HOST is set.
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 1
+MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+mlflow-server: $(STAMP)
+	@echo "MLflow tracking server: http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (store: $(MLFLOW_BACKEND_URI))"
+	@echo "Log runs to it: export MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	  --backend-store-uri '$(MLFLOW_BACKEND_URI)' --serve-artifacts \
+	  --artifacts-destination '$(MLFLOW_ARTIFACTS)' \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
 clean:
 	rm -rf runs outputs multirun mlflow.db mlartifacts .cache
