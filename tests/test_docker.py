@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -226,9 +227,11 @@ def free_port() -> int:
 )
 def test_entrypoint_worker_runs_sshd_with_mounted_keys() -> None:
     """`entrypoint.sh worker` with a mounted key dir: sshd on the port, key login works."""
-    # Not under /tmp: sshd's StrictModes refuses a home below a world-writable directory.
-    (REPO / ".cache").mkdir(exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="entrypoint-", dir=REPO / ".cache"))
+    # Under the user's passwd home: sshd's StrictModes checks every parent of the key file up
+    # to that home (or to /), and refuses a world-writable one such as /tmp.
+    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "moelab-tests"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="entrypoint-", dir=base))
     keys, home = root / "keys", root / "home"
     keys.mkdir()
     home.mkdir()
