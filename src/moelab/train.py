@@ -118,7 +118,7 @@ def run(cfg: MoelabConfig) -> None:
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     ds_engine = engine.initialize(model, ds_config)
     engine.expert_ranks_check(info)
-    sink = make_sink(info.is_rank0)
+    sink = make_sink(info.is_rank0, run_dir)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
     loop(cfg, info, ds_engine, dsets, sink, tel)
