@@ -9,13 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helpers import wait_healthy
 from launcher import sync
 from moelab.telemetry.sink import MLflowSink
 
@@ -65,17 +65,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.5)
+        wait_healthy(self.url, self.proc, self.work / "server.log")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -85,8 +75,12 @@ class Server:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
-    def log(self) -> str:
-        return (self.work / "server.log").read_text(errors="replace")[-3000:]
+
+def clear_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink under test must use only what it is given, not the caller's MLFLOW_*."""
+    for key in list(os.environ):
+        if key.startswith("MLFLOW_"):
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture
@@ -128,9 +122,7 @@ def assert_complete(url: str, run_id: str, steps: int) -> None:
 def test_outage_spools_and_replays_exactly_once(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in list(os.environ):
-        if key.startswith("MLFLOW_"):
-            monkeypatch.delenv(key)
+    clear_mlflow_env(monkeypatch)
     run_id = new_run(server.url)
     run_dir = tmp_path / "run"
     sink = MLflowSink(run_id, server.url, run_dir, retry_s=0.5, close_timeout_s=60)
@@ -179,9 +171,7 @@ def test_outage_spools_and_replays_exactly_once(
 def test_moelab_sync_replays_a_spool_written_while_down(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in list(os.environ):
-        if key.startswith("MLFLOW_"):
-            monkeypatch.delenv(key)
+    clear_mlflow_env(monkeypatch)
     run_id = new_run(server.url)
     run_dir = tmp_path / "run"
     server.stop()
