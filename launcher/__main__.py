@@ -3,6 +3,7 @@
 moelab-launch model=tiny_moe_top2 zero=stage2 parallel=ep2
 moelab-launch -m model=tiny_dense,tiny_moe_top1,tiny_moe_top2,tiny_arctic
 moelab-launch ... launch.dry_run=true     # render and print, run nothing
+moelab-launch resume <run dir> [train.stop_after=N]   # continue from its latest checkpoint
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,15 +25,16 @@ from launcher import sweep
 from launcher.compose import CONFIG_DIR, register_schema, to_schema
 from launcher.hostfile import Resources
 from launcher.launch import resolve_cluster
-from launcher.render import render, write_scripts
+from launcher.render import RunFiles, render, write_scripts
 from launcher.sweep import JobOutcome
 from launcher.validate import ConfigError, validate
-from moelab.config import MoelabConfig
+from moelab.checkpoint import check_layout, read_meta
+from moelab.config import MoelabConfig, load_config
 
 register_schema()
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     print(f"moelab-launch: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -56,7 +59,6 @@ def launch(
     and status are stored in `job`.
     """
     from launcher import tracking
-    from launcher.launch import execute
 
     files = render(cfg, run_dir, resources)
     if cfg.launch.dry_run or cfg.cluster.backend == "slurm":  # slurm: submit job.sbatch
@@ -77,13 +79,42 @@ def launch(
         )
         job.run_id, job.uri = run_id, uri
     files.env.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id})
-    code = 1
+    tracking.save_run_ref(run_dir, uri, run_id)
+    return execute_tracked(cfg, files, uri, run_id, job)
+
+
+def run_status(cfg: MoelabConfig, run_dir: Path, code: int) -> str:
+    """KILLED when stopped by a signal or train.stop_after, else FINISHED/FAILED by exit code."""
+    from launcher import launch as launch_mod
+
+    if launch_mod.received:
+        return "KILLED"
+    if code != 0:
+        return "FAILED"
+    meta = read_meta(run_dir)
+    return "KILLED" if meta and meta["step"] < cfg.train.steps else "FINISHED"
+
+
+def execute_tracked(
+    cfg: MoelabConfig,
+    files: RunFiles,
+    uri: str,
+    run_id: str,
+    job: JobOutcome | None = None,
+    resume: bool = False,
+) -> int:
+    """Execute the run dir and end its MLflow run (KILLED, FAILED or FINISHED)."""
+    from launcher import launch as launch_mod
+    from launcher import tracking
+
+    code, status = 1, "FAILED"
     try:
-        write_scripts(files)
-        print(f"moelab-launch: run {run_id} in {run_dir}", flush=True)
-        code = execute(files)
+        if not resume:
+            write_scripts(files)
+        print(f"moelab-launch: run {run_id} in {files.run_dir}", flush=True)
+        code = launch_mod.execute(files, append=resume)
+        status = run_status(cfg, files.run_dir, code)
     finally:  # never leave the run RUNNING
-        status = "FINISHED" if code == 0 else "FAILED"
         try:
             if job is not None and code != 0:
                 job.message = f"deepspeed exited with code {code}; see {files.log}"
@@ -93,6 +124,9 @@ def launch(
             tracking.end_run(uri, run_id, status)
             if job is not None:
                 job.status = status
+    if status == "KILLED" or (code != 0 and read_meta(files.run_dir)):
+        print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
+    return 128 + launch_mod.received[0] if launch_mod.received else code
     return code
 
 
@@ -150,12 +184,63 @@ def app(dcfg: DictConfig) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no run dir behind
         fail(str(err))
     code = launch(cfg, run_dir, resources)
+    if 128 < code < 160:
+        fail(f"stopped by signal {code - 128}; see {run_dir / 'train.log'}", code)
     if code != 0:
         fail(f"deepspeed exited with code {code}; see {run_dir / 'train.log'}", code)
 
 
+RESUMABLE = ("train.stop_after", "train.checkpoint_every", "train.keep_checkpoints")
+"""Keys a resume may change: none of them changes what the checkpoint holds."""
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> MoelabConfig:
+    """The run dir's config.yaml with `overrides` (keys in RESUMABLE) applied and saved."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        fail(f"{run_dir} is not a moelab run dir (no config.yaml).")
+    node = OmegaConf.load(path)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in RESUMABLE:
+            fail(f"{key} cannot change on resume (only {', '.join(RESUMABLE)}); start a new run.")
+        OmegaConf.update(node, key, OmegaConf.create({"v": value}).v)  # yaml-typed
+    OmegaConf.save(node, path)
+    return load_config(path)
+
+
+def resume(run_dir: Path, overrides: list[str]) -> int:
+    """Re-execute the run dir's command.sh from its latest checkpoint, into the same run."""
+    from launcher import tracking
+
+    cfg = resume_config(run_dir, overrides)
+    meta = read_meta(run_dir)
+    if meta is None:
+        fail(f"{run_dir / 'checkpoints'} holds no complete checkpoint; nothing to resume.")
+    try:
+        resolve_cluster(cfg)  # multi-host: the world size from today's hostfile
+        check_layout(meta, cfg.world_size, cfg.ep_size)
+    except (ConfigError, ValueError) as err:
+        fail(str(err))
+    uri, run_id = tracking.load_run_ref(run_dir)
+    tracking.reopen_run(uri, run_id)
+    nodes = sorted(run_dir.glob("node_*.sh"))
+    files = RunFiles(run_dir, commands=[["bash", str(p)] for p in [run_dir / "command.sh", *nodes]])
+    print(f"moelab-launch: resuming from step {meta['step']}", flush=True)
+    return execute_tracked(cfg, files, uri, run_id, resume=True)
+
+
 def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    if sys.argv[1:2] == ["resume"]:
+        if len(sys.argv) < 3:
+            fail("usage: moelab-launch resume <run dir> [train.stop_after=N ...]")
+        code = resume(Path(sys.argv[2]).resolve(), sys.argv[3:])
+        if code != 0:
+            fail(f"resumed run stopped with code {code}; see {sys.argv[2]}/train.log", code)
+        return
     sweep.reset()
     try:
         app()

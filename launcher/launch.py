@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from types import FrameType
+from typing import Any
 
 from launcher.hostfile import Resources, active_resources
 from launcher.render import RunFiles
@@ -27,8 +29,62 @@ def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
     return resources
 
 
-def execute(files: RunFiles) -> int:
+RANK_MODULE = "moelab.train"
+received: list[int] = []
+"""Signals the last `execute` got (the run was stopped on purpose when non-empty)."""
+
+
+def rank_processes(pid: int) -> dict[int, Any]:
+    """{global rank: psutil.Process} of the training ranks started under `pid` on this host."""
+    import psutil
+
+    ranks: dict[int, Any] = {}
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if RANK_MODULE in child.cmdline():
+                    ranks[int(child.environ().get("RANK", "-1"))] = child
+            except (psutil.Error, ValueError):
+                continue
+    except psutil.Error:
+        pass
+    return ranks
+
+
+class RankWatch(threading.Thread):
+    """Notes the first rank that exits while the others still run (who died: kill -9, OOM)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.first_dead = pid, ""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen: dict[int, Any] = {}
+        while not self.done.wait(0.2):
+            seen |= rank_processes(self.pid)
+            gone = [r for r, p in seen.items() if not p.is_running() or p.status() == "zombie"]
+            if gone and len(gone) < len(seen):
+                proc = seen[gone[0]]
+                self.first_dead = f"rank {gone[0]} (pid {proc.pid}) exited first"
+                return
+
+
+def forward_signal(pid: int, signum: int) -> None:
+    """First signal: to the ranks only, which stop after the step with a checkpoint
+    (DeepSpeed's launcher would terminate them at once); a second: to the whole group."""
+    ranks = rank_processes(pid) if not received else {}
+    received.append(signum)
+    print(f"moelab-launch: signal {signum}: ranks stop after this step; again to kill", flush=True)
+    if not ranks:
+        os.killpg(pid, signum)
+    for proc in ranks.values():
+        proc.send_signal(signum)
+
+
+def execute(files: RunFiles, append: bool = False) -> int:
     """Run command.sh in its own process group; signals to the launcher reach all ranks."""
+    received.clear()
     if len(files.commands) > 1:
         for n in range(1, len(files.commands)):
             print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
@@ -41,17 +97,28 @@ def execute(files: RunFiles) -> int:
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        os.killpg(proc.pid, signum)
+        forward_signal(proc.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    watch = RankWatch(proc.pid)
+    watch.start()
     try:
-        assert proc.stdout is not None
-        with files.log.open("wb") as log:
-            for line in iter(proc.stdout.readline, b""):
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
-                log.write(line)
-        return proc.wait()
+        stream(proc, files, append)
+        code = proc.wait()
     finally:
+        watch.done.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code != 0 and watch.first_dead:
+        print(f"moelab-launch: {watch.first_dead}; the others were stopped", flush=True)
+    return code
+
+
+def stream(proc: subprocess.Popen[bytes], files: RunFiles, append: bool) -> None:
+    """Copy the ranks' output to stdout and train.log (appended to when resuming)."""
+    assert proc.stdout is not None
+    with files.log.open("ab" if append else "wb") as log:
+        for line in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line)

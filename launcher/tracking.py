@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -97,3 +98,22 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 
 def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow_client(uri).set_terminated(run_id, status)
+
+
+RUN_REF = "mlflow_run.json"
+"""In the run dir: the MLflow run id and tracking URI, so a resume logs into the same run."""
+
+
+def save_run_ref(run_dir: Path, uri: str, run_id: str) -> None:
+    (run_dir / RUN_REF).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
+
+
+def load_run_ref(run_dir: Path) -> tuple[str, str]:
+    """(tracking URI, run id) stored by the launch that created `run_dir`."""
+    ref = json.loads((run_dir / RUN_REF).read_text())
+    return str(ref["tracking_uri"]), str(ref["run_id"])
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a stopped (KILLED/FAILED) run RUNNING again: a resume continues it."""
+    mlflow_client(uri).update_run(run_id, status="RUNNING")

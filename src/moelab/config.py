@@ -220,6 +220,14 @@ class TrainConfig:
     """Torch intra-op threads per rank (0 = cores / local ranks)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints in <run dir>/checkpoints/ (0 = off; else also at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: str = "auto"
+    """auto: continue from the run dir's latest checkpoint if there is one; never: start fresh."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) once this step is done, as if preempted (0 = run to the end)."""
 
 
 @dataclass

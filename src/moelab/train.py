@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moelab import data, engine
+from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
@@ -121,38 +122,69 @@ def run(cfg: MoelabConfig) -> None:
     sink = make_sink(info.is_rank0, run_dir)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
-    loop(cfg, info, ds_engine, dsets, sink, tel)
+    ckpt = Checkpointer(cfg, info.world_size, info.ep_size, info.rank)
+    state = ckpt.load(ds_engine) or {"step": 0, "data": {"epoch": 0, "consumed": 0}}
+    loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state)
     tel.close()
     sink.close()
 
 
-def loop(
-    cfg: MoelabConfig, info: engine.DistInfo, ds_engine: Any, dsets: Any, sink: Sink, tel: Telemetry
-) -> None:
+def loaders(
+    cfg: MoelabConfig, info: engine.DistInfo, dsets: Any, position: dict[str, int]
+) -> tuple[BatchStream, Any]:
+    """The training stream (at the restored data position) and the validation loader."""
     t = cfg.train
-    train_loader = data.build_loader(
-        dsets["train"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=True
-    )
-    val_loader = data.build_loader(
-        dsets["validation"], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=False
-    )
-    batches = data.infinite_batches(train_loader)
-    window = Window()
-    bar = sink.progress(total=t.steps)
-    for step in range(1, t.steps + 1):
+
+    def build(split: str, shuffle: bool) -> Any:
+        return data.build_loader(
+            dsets[split], t.micro_batch_size, info.rank, info.world_size, t.seed, shuffle=shuffle
+        )
+
+    return BatchStream(build("train", True), **position), build("validation", False)
+
+
+def loop(
+    cfg: MoelabConfig,
+    info: engine.DistInfo,
+    ds_engine: Any,
+    dsets: Any,
+    sink: Sink,
+    tel: Telemetry,
+    ckpt: Checkpointer,
+    state: dict[str, Any],
+) -> None:
+    """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint)."""
+    t, flag, first = cfg.train, StopFlag(), state["step"] + 1
+    batches, val_loader = loaders(cfg, info, dsets, state["data"])
+    window, bar = Window(), sink.progress(t.steps, first - 1)
+    for step in range(first, t.steps + 1):
         start = time.perf_counter()
         train_step(ds_engine, batches, window, tel)
         tel.on_step(time.perf_counter() - start)  # train steps only: eval is not timed
         bar.update(1)
-        metrics = tel.maybe_log(step)  # {} except on logging steps (collectives: all ranks)
-        if metrics:
-            metrics |= window_metrics(window, ds_engine)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            sink.log_metrics(metrics, step)
-            window = Window()
+        window = log_window(tel, step, window, ds_engine, sink, bar)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
             sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
+        stopping = flag.any_rank(ds_engine.device) or step == t.stop_after
+        if ckpt.due(step, stopping):
+            ckpt.save(ds_engine, step, batches)
+        if stopping and step < t.steps:
+            sink.set_tags({"moelab.stopped_at_step": str(step)})
+            break
     bar.close()
+
+
+def log_window(
+    tel: Telemetry, step: int, window: Window, ds_engine: Any, sink: Sink, bar: Any
+) -> Window:
+    """Log the window's metrics on logging steps (collectives: all ranks); the next window."""
+    metrics = tel.maybe_log(step)  # {} except on logging steps
+    if not metrics:
+        return window
+    metrics |= window_metrics(window, ds_engine)
+    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+    sink.log_metrics(metrics, step)
+    return Window()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,187 @@
+"""Checkpoints, resume and graceful stop (preemption) of a training run.
+
+Layout under `<run dir>/checkpoints/` (DeepSpeed's `save_checkpoint` writes the tag dirs):
+
+    global_step<N>/   model, expert, optimizer and scheduler shards + our client_state
+    latest            the newest *complete* tag (written by us after all ranks finished)
+    meta.json         step, tag, world_size, ep_size: read by the launcher without torch
+
+The module imports torch lazily so the launcher can use `read_meta`/`check_layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from moelab.config import MoelabConfig
+
+CKPT_DIR = "checkpoints"
+META = "meta.json"
+
+
+def ckpt_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def read_meta(run_dir: str | Path) -> dict[str, Any] | None:
+    """meta.json of the run dir's newest complete checkpoint, None if there is none."""
+    path = ckpt_dir(run_dir) / META
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_layout(meta: dict[str, Any], world_size: int, ep_size: int) -> None:
+    """Raise ValueError if a checkpoint cannot be loaded with this world size and ep_size."""
+    if (meta["world_size"], meta["ep_size"]) != (world_size, ep_size):
+        raise ValueError(
+            f"the checkpoint at step {meta['step']} was written with world size "
+            f"{meta['world_size']} and ep_size {meta['ep_size']}, not {world_size} and "
+            f"{ep_size}; resume with the same layout or start a new run."
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class BatchStream:
+    """Batches forever, epoch after epoch, with a position that can be saved and restored."""
+
+    def __init__(self, loader: Any, epoch: int = 0, consumed: int = 0) -> None:
+        self.loader, self.epoch, self.consumed = loader, epoch, consumed
+        if len(loader) == 0:
+            raise ValueError("the data loader has no full batch; lower train.micro_batch_size.")
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None or self.consumed >= len(self.loader):
+            if self._it is not None:
+                self.epoch, self.consumed = self.epoch + 1, 0
+            self.loader.sampler.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            for _ in range(self.consumed):  # fast-forward inside the epoch (same order)
+                next(self._it)
+        self.consumed += 1
+        return dict(next(self._it))
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "py": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["py"])
+
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; a second signal kills the process at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.raised:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.raised = True
+        print(f"moelab: signal {signum}: stopping after this step (again to exit now)", flush=True)
+
+    def any_rank(self, device: Any) -> bool:
+        """True on every rank if any rank got a signal (a collective: all ranks call it)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.raised)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints (every rank holds one; all call each method)."""
+
+    def __init__(self, cfg: MoelabConfig, world_size: int, ep_size: int, rank: int) -> None:
+        self.cfg, self.dir = cfg, ckpt_dir(cfg.run_dir)
+        self.world_size, self.ep_size, self.rank = world_size, ep_size, rank
+
+    def due(self, step: int, stopping: bool) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return stopping or bool(every and (step % every == 0 or step == self.cfg.train.steps))
+
+    def save(self, ds_engine: Any, step: int, stream: BatchStream) -> None:
+        import torch.distributed as dist
+
+        rngs: list[Any] = [None] * self.world_size
+        dist.all_gather_object(rngs, rng_state())
+        tag = f"global_step{step}"
+        state = {"step": step, "tokens": step * self._tokens_per_step(), "rng": rngs}
+        state |= {"data": stream.position()}
+        # save_latest=False: DeepSpeed's rank 0 would write `latest` before the other ranks'
+        # shards are done; save_checkpoint ends with a barrier, after which all are on disk.
+        ds_engine.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
+        if self.rank == 0:
+            self._commit(tag, step)
+        dist.barrier()
+
+    def _tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.world_size * self.cfg.data.seq_len
+
+    def _commit(self, tag: str, step: int) -> None:
+        _write_atomic(self.dir / "latest", tag)
+        meta = {"step": step, "tag": tag, "world_size": self.world_size, "ep_size": self.ep_size}
+        _write_atomic(self.dir / META, json.dumps(meta) + "\n")
+        tags = sorted(
+            (p for p in self.dir.glob("global_step*") if p.is_dir()),
+            key=lambda p: int(p.name.removeprefix("global_step")),
+        )
+        for old in tags[: -max(self.cfg.train.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, ds_engine: Any) -> dict[str, Any] | None:
+        """Restore engine, RNG; the client_state (step, tokens, data), None if none to load."""
+        meta = read_meta(self.cfg.run_dir)
+        if self.cfg.train.resume == "never" or meta is None:
+            # The training RNG stream starts at train.seed whatever set-up consumed (e.g. a
+            # first-time FLOP/s probe), so a run and its restarts draw the same numbers.
+            seed_all(self.cfg.train.seed)
+            return None
+        check_layout(meta, self.world_size, self.ep_size)
+        path, state = ds_engine.load_checkpoint(str(self.dir), tag=meta["tag"])
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {meta['tag']} from {self.dir}.")
+        set_rng_state(state["rng"][self.rank])
+        return dict(state)
