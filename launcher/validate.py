@@ -190,6 +190,14 @@ def validate_cluster(cfg: MoelabConfig) -> None:
     c = cfg.cluster
     _one_of("cluster.backend", c.backend, CLUSTER_BACKENDS)
     _require(c.nproc_per_node >= 1, "cluster.nproc_per_node must be at least 1.")
+    _require(
+        c.gpus_per_node is None or c.gpus_per_node >= 1,
+        f"cluster.gpus_per_node={c.gpus_per_node} must be at least 1 (or null).",
+    )
+    _require(
+        c.device_memory_gb > 0,
+        f"cluster.device_memory_gb={c.device_memory_gb} must be positive (GiB per device).",
+    )
     _require(c.nodes >= 1, "cluster.nodes must be at least 1.")
     _require(c.backend != "local" or c.nodes == 1, "cluster=local runs on one node; set nodes=1.")
     port = c.master_port

@@ -240,6 +240,10 @@ class ClusterConfig:
     """Hosts (local: 1; from the hostfile for hostfile, no_ssh and openmpi)."""
     nproc_per_node: int = 2
     """Ranks per host on the local backend (GPUs per host; CPU processes without GPUs)."""
+    gpus_per_node: int | None = None
+    """GPUs per host; when set it is the ranks per host (overrides nproc_per_node)."""
+    device_memory_gb: float = 80.0
+    """Memory of one device in GiB: the planner warns when a rank's estimate exceeds it."""
     world_size: int = 0
     """Ranks in all (0 = nodes x nproc_per_node; the launcher sets it from the hostfile)."""
     hostfile: str | None = None
@@ -266,6 +270,10 @@ class ClusterConfig:
     """Slurm partition for the rendered sbatch script."""
     slurm_time: str = "01:00:00"
     """Slurm time limit for the rendered sbatch script."""
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node is not None:
+            self.nproc_per_node = self.gpus_per_node
 
 
 @dataclass
