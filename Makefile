@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy launcher src
 
 test: $(STAMP) lint typecheck
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/moelab-launch -m experiment=demo

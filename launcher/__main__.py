@@ -127,7 +127,6 @@ def execute_tracked(
     if status == "KILLED" or (code != 0 and read_meta(files.run_dir)):
         print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
     return 128 + launch_mod.received[0] if launch_mod.received else code
-    return code
 
 
 def record_invalid(cfg: MoelabConfig, run_dir: Path, job: JobOutcome, message: str) -> None:

@@ -19,8 +19,10 @@ from moelab.config import (
     NOISY_GATE_POLICIES,
     NORM_KINDS,
     PRECISIONS,
+    RESUME_MODES,
     ModelConfig,
     MoelabConfig,
+    TrainConfig,
 )
 
 IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -154,6 +156,19 @@ def validate_train(cfg: MoelabConfig) -> None:
     _at_least("train.threads_per_rank", t.threads_per_rank, 0)
     _at_least("train.seed", t.seed, 0)
     _one_of("train.precision", t.precision, PRECISIONS)
+    validate_reliability(t)
+
+
+def validate_reliability(t: TrainConfig) -> None:
+    """Checkpointing, resume and fault-handling keys."""
+    for key in ("checkpoint_every", "stop_after", "inject_nonfinite_step"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    _one_of("train.resume", t.resume, RESUME_MODES)
+    _require(
+        t.stop_after <= t.steps,
+        f"train.stop_after={t.stop_after} is past train.steps={t.steps}; use 0 or a step in range.",
+    )
 
 
 def validate_data(cfg: MoelabConfig) -> None:
@@ -189,11 +204,11 @@ def validate_data(cfg: MoelabConfig) -> None:
 def validate_cluster(cfg: MoelabConfig) -> None:
     c = cfg.cluster
     _one_of("cluster.backend", c.backend, CLUSTER_BACKENDS)
-    _require(c.nproc_per_node >= 1, "cluster.nproc_per_node must be at least 1.")
     _require(
         c.gpus_per_node is None or c.gpus_per_node >= 1,
         f"cluster.gpus_per_node={c.gpus_per_node} must be at least 1 (or null).",
     )
+    _require(c.nproc_per_node >= 1, "cluster.nproc_per_node must be at least 1.")
     _require(
         c.device_memory_gb > 0,
         f"cluster.device_memory_gb={c.device_memory_gb} must be positive (GiB per device).",

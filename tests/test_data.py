@@ -323,3 +323,15 @@ def test_ensure_enough(prepared: data.PreparedData) -> None:
     data.ensure_enough(prepared, micro_batch_size=8, world_size=2)
     with pytest.raises(ValueError, match=r"train.micro_batch_size"):
         data.ensure_enough(prepared, micro_batch_size=prepared.num_val_blocks, world_size=2)
+
+
+def test_corrupt_cache_is_one_sentence(tmp_path: Path) -> None:
+    write_text_corpus(tmp_path / "docs")
+    cfg = small_cfg(tmp_path, source="text", data_files=[str(tmp_path / "docs" / "*.txt")])
+    data.prepare_data(cfg)
+    data.load_prepared(cfg)  # intact
+    arrows = sorted(data.blocks_dir(cfg).rglob("*.arrow"))
+    assert arrows
+    arrows[0].write_bytes(arrows[0].read_bytes()[:100])  # truncated mid-file
+    with pytest.raises(ValueError, match=r"^the data cache in .* is corrupt \(.*\); delete"):
+        data.load_prepared(cfg)

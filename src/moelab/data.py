@@ -431,7 +431,12 @@ def build_loader(
         drop_last=drop_last,
     )
     blocks = dataset.with_format("torch", columns=["input_ids"])
-    return DataLoader(blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    # Its own generator: starting an epoch draws a seed from it, not from the global RNG that
+    # MoE gating noise uses (a resumed run restarts the epoch and would shift that stream).
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator
+    )
 
 
 def infinite_batches(loader: DataLoader[Any]) -> Iterator[dict[str, torch.Tensor]]:

@@ -7,6 +7,7 @@ deepspeed lazily and runs on the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
             },
         },
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: ZeRO 1/2 then skip a bf16 update whose gradient norm is NaN/inf.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": t.precision == "fp16"},
         # Engine-wide timers sync every micro-step; moelab turns on only the MoE layers' own.
         "wall_clock_breakdown": False,
@@ -106,6 +108,8 @@ def init_distributed(ep_size: int) -> DistInfo:
     deepspeed.init_distributed()
     import torch.distributed as dist
 
+    dist.barrier()  # every rank has mapped the others' shared-memory buffers
+    unlink_shm_buffer(dist.get_rank())
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return DistInfo(
         rank=dist.get_rank(),
@@ -114,6 +118,18 @@ def init_distributed(ep_size: int) -> DistInfo:
         local_world_size=local_world,
         ep_size=ep_size,
     )
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's /dev/shm name of DeepSpeed's CPU all-reduce buffer (64 MiB).
+
+    DeepSpeed never unlinks it, so every run would leave one file per rank in /dev/shm until
+    the RAM-backed folder fills up; once all ranks have mapped it the mapping outlives the name.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(f"/dev/shm/{name}")
 
 
 def barrier() -> None:

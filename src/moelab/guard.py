@@ -106,3 +106,60 @@ def skip_update(ds_engine: Any) -> Iterator[None]:
             optimizer.step = original
         else:
             del optimizer.step
+
+
+class StepGuard:
+    """The training loop's non-finite policy at the gradient-accumulation boundary.
+
+    Before the update, every rank learns whether any rank's loss (and, under ZeRO 0, any
+    local gradient) is not finite. Then: stop (NonFiniteError, before the weights change) or,
+    with `skip`, discard the update. ZeRO 1/2 discard it themselves: their step finds the
+    non-finite gradient norm (fp32; bf16 with `check_grad_overflow`) and leaves the weights
+    alone, reporting an infinite norm, which also catches gradients that overflow on their own.
+    """
+
+    def __init__(self, skip: bool, zero_stage: int, inject_at: int = 0) -> None:
+        self.guard = NonFiniteGuard(skip)
+        self.zero_stage = zero_stage
+        self.inject_at = inject_at
+
+    def inject(self, out: Any, step: int) -> Any:
+        """Fault injection (train.inject_nonfinite_step): this step's loss becomes NaN."""
+        if step == self.inject_at:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def step(self, ds_engine: Any, losses: list[float], step: int) -> bool:
+        """`ds_engine.step()` at the boundary; False if the update was skipped."""
+        import torch.distributed as dist
+
+        loss = sum(losses) / len(losses)
+        flags = torch.tensor(
+            [float(not math.isfinite(loss)), float(self._local_grad_bad(ds_engine))]
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank decides alike
+        loss_bad, grad_bad = bool(flags[0]), bool(flags[1])
+        norm = math.inf if grad_bad else None
+        if not self.guard.check(math.nan if loss_bad else loss, norm, step):
+            with skip_update(ds_engine) if self.zero_stage == 0 else _nothing():
+                ds_engine.step()
+            return False
+        ds_engine.step()
+        if self.zero_stage == 0:
+            return True
+        after = ds_engine.get_global_grad_norm()  # inf: ZeRO found an overflow and skipped
+        return self.guard.check(loss, None if after is None else float(after), step)
+
+    def _local_grad_bad(self, ds_engine: Any) -> bool:
+        if self.zero_stage != 0:
+            return False  # gradients live in ZeRO's partitions: checked by its own step
+        norm = grad_norm(ds_engine.module)
+        return norm is not None and not math.isfinite(norm)
+
+    def metrics(self) -> dict[str, float]:
+        return self.guard.metrics()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from moelab import data, engine
 from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
+from moelab.guard import NonFiniteError, StepGuard
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
 from moelab.telemetry import Sink, make_sink
@@ -44,16 +46,27 @@ class Window:
 
 
 def train_step(
-    ds_engine: Any, batches: Iterator[dict[str, torch.Tensor]], window: Window, tel: Telemetry
+    ds_engine: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    window: Window,
+    tel: Telemetry,
+    nonfinite: StepGuard,
+    step: int,
 ) -> None:
-    """One optimizer step: grad_accum micro-steps; DeepSpeed steps at the boundary."""
+    """One optimizer step: grad_accum micro-steps; DeepSpeed steps at the boundary, unless
+    the loss or gradients are not finite (then NonFiniteError, or a skipped update)."""
+    outs = []
     for _ in range(ds_engine.gradient_accumulation_steps()):
         ids = next(batches)["input_ids"].to(ds_engine.device)  # (B, T)
-        out = ds_engine(ids, labels=ids)
+        out = nonfinite.inject(ds_engine(ids, labels=ids), step)
         ds_engine.backward(out.loss)
-        ds_engine.step()
-        window.add(out)
         tel.on_micro_step(out)
+        outs.append(out)
+        if not ds_engine.is_gradient_accumulation_boundary():
+            ds_engine.step()
+    if nonfinite.step(ds_engine, [float(o.loss.detach()) for o in outs], step):
+        for out in outs:
+            window.add(out)
 
 
 @torch.no_grad()
@@ -74,7 +87,9 @@ def evaluate(ds_engine: Any, loader: Any, max_batches: int) -> dict[str, float]:
 
 def window_metrics(w: Window, ds_engine: Any) -> dict[str, float]:
     """Loss metrics of one logging window, averaged over micro-steps and ranks."""
-    n = max(w.micro_steps, 1)
+    if w.micro_steps == 0:  # every step of the window was skipped (alike on all ranks)
+        return {"train/lr": ds_engine.get_lr()[0]}
+    n = w.micro_steps
     loss, lm, aux = engine.all_reduce_mean(
         [w.loss / n, w.lm_loss / n, w.aux_loss / n], ds_engine.device
     )
@@ -155,14 +170,15 @@ def loop(
 ) -> None:
     """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint)."""
     t, flag, first = cfg.train, StopFlag(), state["step"] + 1
+    nonfinite = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.inject_nonfinite_step)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
     window, bar = Window(), sink.progress(t.steps, first - 1)
     for step in range(first, t.steps + 1):
         start = time.perf_counter()
-        train_step(ds_engine, batches, window, tel)
+        train_step(ds_engine, batches, window, tel, nonfinite, step)
         tel.on_step(time.perf_counter() - start)  # train steps only: eval is not timed
         bar.update(1)
-        window = log_window(tel, step, window, ds_engine, sink, bar)
+        window = log_window(tel, step, window, ds_engine, sink, bar, nonfinite)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
             sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
         stopping = flag.any_rank(ds_engine.device) or step == t.stop_after
@@ -175,13 +191,19 @@ def loop(
 
 
 def log_window(
-    tel: Telemetry, step: int, window: Window, ds_engine: Any, sink: Sink, bar: Any
+    tel: Telemetry,
+    step: int,
+    window: Window,
+    ds_engine: Any,
+    sink: Sink,
+    bar: Any,
+    nonfinite: StepGuard,
 ) -> Window:
     """Log the window's metrics on logging steps (collectives: all ranks); the next window."""
     metrics = tel.maybe_log(step)  # {} except on logging steps
     if not metrics:
         return window
-    metrics |= window_metrics(window, ds_engine)
+    metrics |= window_metrics(window, ds_engine) | nonfinite.metrics()
     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
     sink.log_metrics(metrics, step)
     return Window()
@@ -191,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moelab rank entry point")
     parser.add_argument("--config", required=True, help="resolved config.yaml of the run")
     args = parser.parse_args(argv)
-    run(load_config(args.config))
+    try:
+        run(load_config(args.config))
+    except NonFiniteError as err:  # every rank raises alike; the last checkpoint is intact
+        print(f"moelab: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

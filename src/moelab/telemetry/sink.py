@@ -138,6 +138,11 @@ class Spool:
                 out.append((offset, json.loads(raw)))
         return out
 
+    def last_metric_step(self) -> int:
+        """The highest step any spooled metric record has (-1 for a new spool)."""
+        steps = [r["step"] for _, r in self.read_from(0) if r["kind"] == "metrics"]
+        return max(steps, default=-1)
+
     def pending_records(self) -> int:
         return sum(1 for _, r in self.read_from(self.offset()) if r["kind"] != "open")
 
@@ -343,6 +348,9 @@ class MLflowSink:
             run_dir = os.environ.get("MOELAB_RUN_DIR") or tempfile.mkdtemp(prefix="moelab-spool-")
         self.run_id = run_id
         self.spool = Spool(Path(run_dir))
+        # A run resumed after a crash repeats the steps since its last checkpoint: those
+        # steps' metrics are already spooled (with the same values, resume being exact).
+        self.logged_through = self.spool.last_metric_step()
         self.close_timeout_s = close_timeout_s
         self.spool.append({"kind": "open", "run_id": run_id, "tracking_uri": tracking_uri})
         self.replayer = Replayer(self.spool, tracking_uri)
@@ -359,6 +367,8 @@ class MLflowSink:
         self.worker.wake()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in metrics.items()}
         self.spool.append({"kind": "metrics", "metrics": values, "step": step, "ts": now})
