@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from launcher.hostfile import Resources, active_resources
 from launcher.render import RunFiles
 from launcher.validate import ConfigError
+from moelab.checkpoint import STOP_FILE
 from moelab.config import MULTI_HOST_BACKENDS, MoelabConfig
 
 
@@ -70,21 +72,26 @@ class RankWatch(threading.Thread):
                 return
 
 
-def forward_signal(pid: int, signum: int) -> None:
-    """First signal: to the ranks only, which stop after the step with a checkpoint
-    (DeepSpeed's launcher would terminate them at once); a second: to the whole group."""
-    ranks = rank_processes(pid) if not received else {}
+def forward_signal(pid: int, signum: int, run_dir: Path) -> None:
+    """First signal: the stop file the ranks poll after every step (they finish the step and
+    write a checkpoint; DeepSpeed's launcher would terminate them at once); a second: the
+    whole process group."""
+    if not received:
+        received.append(signum)
+        (run_dir / STOP_FILE).touch()
+        print(
+            f"moelab-launch: signal {signum}: ranks stop after this step; again to kill", flush=True
+        )
+        return
     received.append(signum)
-    print(f"moelab-launch: signal {signum}: ranks stop after this step; again to kill", flush=True)
-    if not ranks:
-        os.killpg(pid, signum)
-    for proc in ranks.values():
-        proc.send_signal(signum)
+    print(f"moelab-launch: signal {signum}: killing the ranks", flush=True)
+    os.killpg(pid, signal.SIGKILL)
 
 
 def execute(files: RunFiles, append: bool = False) -> int:
     """Run command.sh in its own process group; signals to the launcher reach all ranks."""
     received.clear()
+    (files.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
     if len(files.commands) > 1:
         for n in range(1, len(files.commands)):
             print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
@@ -97,7 +104,7 @@ def execute(files: RunFiles, append: bool = False) -> int:
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        forward_signal(proc.pid, signum)
+        forward_signal(proc.pid, signum, files.run_dir)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     watch = RankWatch(proc.pid)

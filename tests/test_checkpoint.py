@@ -105,7 +105,7 @@ def test_stop_and_resume_is_bit_exact(tmp_path: Path, shared_cache: Path) -> Non
 SECOND_SIGNAL = """
 import os, signal, time
 from moelab.checkpoint import StopFlag
-flag = StopFlag()
+flag = StopFlag('.')
 os.kill(os.getpid(), signal.SIGTERM)
 print("first signal: raised =", flag.raised, flush=True)
 os.kill(os.getpid(), signal.SIGTERM)

@@ -105,11 +105,21 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; a second signal kills the process at once."""
+STOP_FILE = "stop_requested"
+"""Written into the run dir by the launcher on its first SIGTERM/SIGINT."""
 
-    def __init__(self) -> None:
+
+class StopFlag:
+    """A stop request: the launcher's stop file in the run dir, or a signal to this rank.
+
+    The launcher does not signal the ranks itself: a file works across hosts on the shared
+    run dir and does not interrupt a rank inside a collective. A signal sent straight to a
+    rank (a scheduler preempting every task) sets the flag too; a second one kills at once.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
         self.raised = False
+        self.file = Path(run_dir) / STOP_FILE
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -121,11 +131,11 @@ class StopFlag:
         print(f"moelab: signal {signum}: stopping after this step (again to exit now)", flush=True)
 
     def any_rank(self, device: Any) -> bool:
-        """True on every rank if any rank got a signal (a collective: all ranks call it)."""
+        """True on every rank if a stop was requested (a collective: all ranks call it)."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([float(self.raised)], device=device)
+        flag = torch.tensor([float(self.raised or self.file.exists())], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -169,7 +169,7 @@ def loop(
     state: dict[str, Any],
 ) -> None:
     """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint)."""
-    t, flag, first = cfg.train, StopFlag(), state["step"] + 1
+    t, flag, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
     nonfinite = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.inject_nonfinite_step)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
     window, bar = Window(), sink.progress(t.steps, first - 1)
@@ -204,7 +204,8 @@ def log_window(
     if not metrics:
         return window
     metrics |= window_metrics(window, ds_engine) | nonfinite.metrics()
-    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+    if "train/loss" in metrics:  # not when every step of the window was skipped
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
     sink.log_metrics(metrics, step)
     return Window()
 
