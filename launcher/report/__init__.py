@@ -24,7 +24,7 @@ from typing import Any
 
 from launcher.report.collect import RunData, Selection, read_runs, select_experiment, select_parent
 from launcher.report.compare import Comparison, build_comparison, cells, describe_x, headers
-from launcher.report.figures import Figure, draw_all
+from launcher.report.figures import Figure, draw_all, missing_heatmaps
 from launcher.report.page import Section, render
 
 PAGE = "report.html"
@@ -61,7 +61,8 @@ def build_report(
     figures = draw_all(runs, comparison, out)
     hooked = [s for hook in EXTRA_SECTIONS if (s := hook(runs, out)) is not None]
     page = out / PAGE
-    page.write_text(render(selection, comparison, figures, [*sections, *hooked]))
+    notes = missing_heatmaps(runs)
+    page.write_text(render(selection, comparison, figures, [*sections, *hooked], notes))
     return Report(selection, runs, comparison, figures, page)
 
 

@@ -148,6 +148,16 @@ def heatmaps(runs: list[RunData], out: Path) -> list[Figure]:
     return figs
 
 
+def missing_heatmaps(runs: list[RunData]) -> list[str]:
+    """A note per MoE run that logged no heatmap (telemetry.heatmap_every > its steps)."""
+    return [
+        f"{r.label}: no expert-load heatmap was logged (one is drawn every "
+        "telemetry.heatmap_every steps; the run was shorter)."
+        for r in runs
+        if r.is_moe and r.heatmap is None
+    ]
+
+
 def draw_all(runs: list[RunData], comparison: Comparison, out: Path) -> list[Figure]:
     figs = [loss_plot(runs, a, comparison.at[a.key], out) for a in AXES]
     figs.append(throughput_plot(comparison, out))

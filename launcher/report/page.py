@@ -87,6 +87,7 @@ def render(
     comparison: Comparison,
     figures: Sequence[Figure],
     sections: Sequence[Section] = (),
+    notes: Sequence[str] = (),
 ) -> str:
     title = f"moelab report: {selection.experiment}"
     parts = [
@@ -97,6 +98,7 @@ def render(
         notes_html(comparison),
         "<h2>Plots</h2>",
         *(figure_html(f) for f in figures),
+        *(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
         *(f"<h2>{html.escape(t)}</h2>{body}" for t, body in sections),
     ]
     return (
