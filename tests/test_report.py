@@ -28,6 +28,7 @@ SWEEP = [
     f"model={','.join(VARIANTS)}",
     "train=smoke",
     "train.steps=4",
+    "train.log_every=1",
     "train.eval_batches=1",
     "cluster.nproc_per_node=1",
     "parallel=ep1",
@@ -91,6 +92,7 @@ def test_table_has_every_column_and_variant(built: Built) -> None:
     rows = table_rows(built.stdout)
     assert set(rows) == set(VARIANTS)
     moe_at = [compare.headers().index(c) for c in MOE_COLUMNS]
+    wall_at = compare.headers().index("loss@wall")  # checked in the next test
     for variant, cells in rows.items():
         assert len(cells) == len(compare.headers()), cells
         moe_cells = [cells[i] for i in moe_at]
@@ -98,9 +100,28 @@ def test_table_has_every_column_and_variant(built: Built) -> None:
             assert moe_cells == ["-", "-", "-"]  # no MoE layers: shown, not a crash
         else:
             assert "-" not in moe_cells, cells
-        others = [c for i, c in enumerate(cells) if i not in moe_at]
+        others = [c for i, c in enumerate(cells) if i not in moe_at and i != wall_at]
         assert "-" not in others, f"{variant}: {cells}"
     assert "training tokens: 2,048 tokens" in built.stdout  # 4 steps x 4 x 128 tokens, 1 rank
+
+
+@pytest.mark.slow
+def test_loss_at_equal_wall_clock_only_where_the_curve_reaches(built: Built) -> None:
+    """A run whose first logged window ended after the common x has no value there: '-'."""
+    common = float(re.search(r"training wall-clock: ([\d.]+) s", built.stdout).group(1))
+    rows = table_rows(built.stdout)
+    column = compare.headers().index("loss@wall")
+    shown = 0
+    for run in collect.select_experiment(built.client, EXPERIMENT).runs:
+        (first, *_) = built.client.get_metric_history(run.info.run_id, "perf/step_time_s")
+        first_x = first.value * first.step  # the first window's steps, each step_time_s long
+        cell = rows[run.data.tags["variant"]][column]
+        if cell == "-":
+            assert first_x > common - 0.05, (cell, first_x, common)
+        else:
+            assert first_x <= common + 0.05 and float(cell) > 0
+            shown += 1
+    assert shown >= 1, "the run that trained fastest defines the common x and has a value"
 
 
 @pytest.mark.slow

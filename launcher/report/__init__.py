@@ -69,7 +69,12 @@ def build_report(
 def terminal_table(comparison: Comparison) -> str:
     from launcher.summary import format_table
 
-    lines = [format_table(cells(comparison), headers()), "", "losses read at equal x:"]
+    lines = [
+        format_table(cells(comparison), headers()),
+        "'-': not measured (dense: no MoE figures), or the run's loss curve starts past that x",
+        "",
+        "losses read at equal x:",
+    ]
     return "\n".join(lines + [f"  {line}" for line in describe_x(comparison)])
 
 

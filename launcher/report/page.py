@@ -43,8 +43,10 @@ def notes_html(comparison: Comparison) -> str:
     )
     at = "".join(f"<li>{html.escape(line)}</li>" for line in describe_x(comparison))
     return (
-        f"<p class='note'>'-' = not measured for that run (a dense model has no MoE figures); "
-        f"{STEADY_NOTE}.</p><ul class='note'>{items}</ul>"
+        "<p class='note'>'-' = not measured for that run (a dense model has no MoE figures) "
+        "or, in a loss@ column, the run's first logged point lies past the common x (e.g. its "
+        f"first window took longer than another run's whole training); {STEADY_NOTE}.</p>"
+        f"<ul class='note'>{items}</ul>"
         f"<p class='note'><b>Equal x.</b> Each run's {LOSS} curve (one point per logging window) "
         "is interpolated linearly at the largest x that <i>all</i> runs reached, the smallest "
         "of their last x; nothing is extrapolated. Wall-clock is training time: the sum of the "
