@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -217,3 +218,20 @@ def test_wall_clock_axis_and_dense_dashes() -> None:
     assert cells["tokens/s"] == ("2,000", "2,000"), "the start-up window is left out"
     assert cells["load CV"] == ("-", "0.300") and cells["dropped"] == ("-", "5.00%")
     assert cells["a2a %"] == ("-", "10.0%") and cells["eval loss"] == ("-", "-")
+
+
+def test_labels_tell_runs_of_one_variant_apart() -> None:
+    def run(variant: str, overrides: str) -> SimpleNamespace:
+        tags = {"variant": variant, "moelab.sweep.overrides": overrides}
+        return SimpleNamespace(data=SimpleNamespace(tags=tags), info=SimpleNamespace(run_name="r"))
+
+    runs = [
+        run("tiny_dense", "model=tiny_dense zero=stage2"),
+        run("tiny_moe_top2", "model=tiny_moe_top2 parallel.ep_size=1 zero=stage2"),
+        run("tiny_moe_top2", "model=tiny_moe_top2 parallel.ep_size=2 zero=stage2"),
+    ]
+    assert collect.labels(runs) == [
+        "tiny_dense",
+        "tiny_moe_top2 parallel.ep_size=1",
+        "tiny_moe_top2 parallel.ep_size=2",
+    ]
