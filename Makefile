@@ -36,7 +36,7 @@ test: $(STAMP) lint typecheck
 
 demo: $(STAMP)
 	$(VENV)/bin/moelab-launch -m experiment=demo
-	$(PY) -m launcher.summary --experiment demo
+	$(VENV)/bin/moelab-report --experiment demo
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,5 @@
+import sys
+
+from launcher.report import main
+
+sys.exit(main())
