@@ -61,7 +61,7 @@ def free_ports(n: int) -> list[int]:
 def slurm_conf(d: Path, ports: list[int]) -> str:
     host = socket.gethostname().split(".")[0]
     nodes = [
-        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=2 RealMemory=1000"
+        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=4 RealMemory=1000"
         for n, p in zip(NODES, ports[1:], strict=True)
     ]
     return "\n".join(
@@ -86,6 +86,7 @@ def slurm_conf(d: Path, ports: list[int]) -> str:
             "MpiDefault=none",
             "MailProg=/bin/true",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",  # 4 CPUs per node on 2 cores: jobs overlap
             "KillWait=5",  # seconds between SIGTERM and SIGKILL when a job is cancelled
             *nodes,
             f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
