@@ -7,6 +7,8 @@ running job; (d) a two-job sweep through submitit keeps MLflow's parent/child ru
 
 from __future__ import annotations
 
+import os
+import pty
 import signal
 import subprocess
 import sys
@@ -60,11 +62,11 @@ def launch(
     cluster: SlurmCluster, workdir: Path, cache: Path, *args: str, **popen: Any
 ) -> subprocess.Popen[str]:
     env = {**launcher_env(workdir, cache), "SLURM_CONF": str(cluster.conf)}
+    popen.setdefault("stdin", subprocess.DEVNULL)  # not a terminal: Ctrl-C cancels at once
     return subprocess.Popen(
         [sys.executable, "-m", "launcher", *args],
         cwd=workdir,
         env=env,
-        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -141,7 +143,11 @@ def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Any]) -
 
 @pytest.mark.slow
 def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path) -> None:
-    proc = launch(slurm, tmp_path, cache, *SLURM, *MOE, "train.steps=500")  # cancelled soon
+    """On a terminal the launcher asks before cancelling; the answer comes from the pty."""
+    tty, pty_slave = pty.openpty()
+    args = [*SLURM, *MOE, "train.steps=500"]  # cancelled long before the end
+    proc = launch(slurm, tmp_path, cache, *args, stdin=pty_slave)
+    os.close(pty_slave)
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -150,12 +156,16 @@ def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path
             break
     assert seen and " RUNNING on " in seen[-1], "".join(seen)[-3000:]
     proc.send_signal(signal.SIGINT)
+    os.write(tty, b"y\n")
     code, out = finish(proc, timeout=120)
+    os.close(tty)
     assert code == 128 + signal.SIGINT, "".join(seen) + out
-    assert slurm.squeue() == []
     (run,) = runs(tmp_path)
+    job_id = run.data.tags["slurm_job_id"]
+    assert f"cancel job {job_id}? [y/N]" in out
+    assert slurm.squeue() == []
     assert run.info.status == "KILLED"
-    assert slurm.job_state(run.data.tags["slurm_job_id"])["JobState"] == "CANCELLED"
+    assert slurm.job_state(job_id)["JobState"] == "CANCELLED"
 
 
 @pytest.mark.slow
@@ -218,6 +228,10 @@ def test_job_sbatch_rendered(tmp_path: Path) -> None:
     assert '--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR"' in text
     assert files.command == ["sbatch", "--parsable", str(tmp_path / "job.sbatch")]
     assert "launcher.slurm end-run" not in text  # followed: the launcher ends the run
+    cfg.cluster.wait = False
+    render(cfg, tmp_path)
+    epilogue = f"python -m launcher.slurm end-run {tmp_path} $code"
+    assert epilogue in (tmp_path / "job.sbatch").read_text()
 
 
 BAD = [
