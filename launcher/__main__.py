@@ -43,6 +43,10 @@ def check(cfg: MoelabConfig) -> Resources | None:
     """Resolve the cluster's hosts (sets the world size), then validate; ConfigError if bad."""
     resources = resolve_cluster(cfg)
     validate(cfg)
+    if cfg.cluster.backend == "slurm" and not cfg.launch.dry_run:
+        from launcher.slurm import check_cluster
+
+        check_cluster(cfg)  # asks the Slurm controller
     return resources
 
 
@@ -61,7 +65,7 @@ def launch(
     from launcher import tracking
 
     files = render(cfg, run_dir, resources)
-    if cfg.launch.dry_run or cfg.cluster.backend == "slurm":  # slurm: submit job.sbatch
+    if cfg.launch.dry_run:
         print(f"run dir: {run_dir}")
         print("\n".join(shlex.join(c) for c in files.commands))
         if job is not None:
@@ -80,6 +84,10 @@ def launch(
         job.run_id, job.uri = run_id, uri
     files.env.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id})
     tracking.save_run_ref(run_dir, uri, run_id)
+    if cfg.cluster.backend == "slurm":
+        from launcher import slurm
+
+        return slurm.run(cfg, files, uri, run_id, job)
     return execute_tracked(cfg, files, uri, run_id, job)
 
 

@@ -137,41 +137,6 @@ def write_scripts(files: RunFiles) -> None:
         files.node_script(n).chmod(0o755)
 
 
-def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
-    """job.sbatch: one `deepspeed --no_ssh --node_rank=$SLURM_NODEID` per node via srun."""
-    c, run_dir = cfg.cluster, files.run_dir
-    hostfile = run_dir / "hostfile.slurm"
-    node_cmd = [
-        "deepspeed",
-        f"--hostfile={hostfile}",
-        "--no_ssh",
-        f"--master_port={c.master_port}",
-        *_train_args(cfg, run_dir),
-    ]
-    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(files.env.items()))
-    step = (
-        f"cd {shlex.quote(os.getcwd())}; {exports}"
-        f'exec {shlex.join(node_cmd)} --node_rank="$SLURM_NODEID" --master_addr="$MASTER"'
-    )
-    lines = [
-        "#!/usr/bin/env bash",
-        f"#SBATCH --job-name=moelab-{cfg.model.name}",
-        f"#SBATCH --nodes={c.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --time={c.slurm_time}",
-        f"#SBATCH --output={run_dir / 'slurm-%j.out'}",
-        *([f"#SBATCH --partition={c.slurm_partition}"] if c.slurm_partition else []),
-        "set -euo pipefail",
-        'export MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={c.nproc_per_node}/"'
-        f" > {shlex.quote(str(hostfile))}",
-        f"srun --ntasks-per-node=1 bash -c {shlex.quote(step)}",
-    ]
-    path = run_dir / "job.sbatch"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None) -> RunFiles:
     """Write config.yaml (resolved), ds_config.json, the hostfile and the scripts."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +154,8 @@ def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None)
         env_file=cfg.cluster.backend in ("hostfile", "openmpi"),
     )
     if cfg.cluster.backend == "slurm":
-        files.commands = [["sbatch", str(write_sbatch(files, cfg))]]
+        from launcher.slurm import write_sbatch
+
+        files.commands = [["sbatch", "--parsable", str(write_sbatch(files, cfg))]]
     write_scripts(files)
     return files

@@ -6,7 +6,10 @@ before the first job and exports its id as $MOELAB_PARENT_RUN_ID; each job's run
 with `mlflow.parentRunId` set to it. A job records its outcome here (`record`) instead of
 raising, so a failed job does not stop the sweep; after the last job the callback ends the
 parent run (FAILED if any job failed) and prints one table, and `launcher.__main__.main`
-turns any failure into a non-zero exit status once Hydra has returned.
+turns any failure into a non-zero exit status once Hydra has returned. With a launcher that
+runs the jobs in other processes (`hydra/launcher=submitit_slurm`: one Slurm job each, which
+inherit $MOELAB_PARENT_RUN_ID through sbatch's environment), the outcomes are read back from
+the parent's child runs in MLflow instead.
 """
 
 from __future__ import annotations
@@ -148,6 +151,26 @@ def summary_rows(jobs: list[JobOutcome]) -> list[list[str]]:
     return rows
 
 
+def remote_outcomes(parent: _Parent) -> list[JobOutcome]:
+    """The outcomes of jobs run in other processes, read back from the parent's child runs."""
+    from launcher.tracking import PARENT_TAG, mlflow_client
+
+    client = mlflow_client(parent.uri)
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{parent.run_id}'")
+    jobs = [
+        JobOutcome(
+            num=int(r.data.tags.get("moelab.sweep.job", "-1")),
+            overrides=r.data.tags.get("moelab.sweep.overrides", "").split(),
+            status=r.info.status,
+            run_id=r.info.run_id,
+            uri=parent.uri,
+        )
+        for r in runs
+    ]
+    return sorted(jobs, key=lambda j: j.num)
+
+
 def end_open_parent(status: str = "FAILED") -> None:
     """End a parent run left open (Hydra aborted the sweep before on_multirun_end)."""
     parent, _state.parent = _state.parent, None
@@ -185,9 +208,11 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = _state.parent
-        jobs = outcomes()
         if parent is None:
             return
+        if not outcomes():  # the jobs ran elsewhere (hydra/launcher=submitit_slurm)
+            _state.outcomes.extend(remote_outcomes(parent))
+        jobs = outcomes()
         status = "FAILED" if not jobs or any(o.failed for o in jobs) else "FINISHED"
         end_open_parent(status)
         from launcher.summary import format_table

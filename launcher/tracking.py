@@ -48,6 +48,7 @@ def run_tags(cfg: MoelabConfig) -> dict[str, str]:
         "nodes": str(cfg.cluster.nodes),
         "git_commit": git_commit(),
         "run_dir": cfg.run_dir,
+        **({"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}),
     }
 
 

@@ -27,7 +27,6 @@ from moelab.config import (
 
 IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
 
 class ConfigError(ValueError):
@@ -231,10 +230,35 @@ def validate_cluster(cfg: MoelabConfig) -> None:
             ENV_KEY.match(key) is not None and "\n" not in str(value),
             f"cluster.env.{key} must be a NAME=one-line-value pair.",
         )
+    validate_slurm(cfg)
+
+
+def validate_slurm(cfg: MoelabConfig) -> None:
+    from launcher.slurm import OWN_OPTIONS, minutes, option_name
+
+    c = cfg.cluster
     _require(
-        SLURM_TIME.match(c.slurm_time) is not None,
-        f"cluster.slurm_time={c.slurm_time!r} is not a Slurm time such as 01:30:00 or 2-00:00:00.",
+        minutes(c.slurm_time) is not None,
+        f"cluster.slurm_time={c.slurm_time!r} is not a Slurm time such as 90, 01:30:00 or "
+        "2-00:00:00.",
     )
+    if c.backend != "slurm":
+        return
+    _require(
+        c.world_size in (0, c.nodes * c.nproc_per_node),
+        f"cluster.world_size={c.world_size} is not cluster.nodes x ranks per node "
+        f"({c.nodes} x {c.nproc_per_node}), the size the job starts; drop cluster.world_size.",
+    )
+    for line in c.slurm_extra:
+        _require(
+            line.startswith("-") and "\n" not in line,
+            f"cluster.slurm_extra entry {line!r} is not an sbatch option such as --qos=high.",
+        )
+        _require(
+            option_name(line) not in OWN_OPTIONS,
+            f"cluster.slurm_extra entry {line!r} sets what moelab renders itself; use "
+            "cluster.nodes, cluster.nproc_per_node, cluster.slurm_time/partition/account.",
+        )
 
 
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "databricks")

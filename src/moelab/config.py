@@ -272,9 +272,15 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every rank on every host (written to .deepspeed_env)."""
     slurm_partition: str | None = None
-    """Slurm partition for the rendered sbatch script."""
+    """Slurm partition (null = the cluster's default partition)."""
     slurm_time: str = "01:00:00"
-    """Slurm time limit for the rendered sbatch script."""
+    """Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    slurm_account: str | None = None
+    """Slurm account to charge (sbatch --account); null = your default account."""
+    slurm_extra: list[str] = field(default_factory=list)
+    """Extra sbatch options, one `#SBATCH` line each, e.g. ["--qos=high", "--exclusive"]."""
+    wait: bool = True
+    """Slurm: follow the job until it ends and exit with its code (false: return at submit)."""
 
     def __post_init__(self) -> None:
         if self.gpus_per_node is not None:

@@ -1,0 +1,278 @@
+"""cluster=slurm and hydra/launcher=submitit_slurm on a throwaway two-node Slurm cluster.
+
+(a) a 2-node x 1-rank MoE run completes; (b) a job that fails on its ranks ends FAILED in
+Slurm and MLflow with the rank's error printed; (c) SIGINT to moelab-launch cancels the
+running job; (d) a two-job sweep through submitit keeps MLflow's parent/child runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import launcher_env
+from launcher.compose import compose_config, to_schema
+from launcher.slurm import minutes
+from launcher.validate import ConfigError, validate
+from slurm_cluster import PARTITION, SlurmCluster, missing_prerequisite
+
+FAST = [
+    *("train=smoke", "train.steps=2", "train.eval_every=2", "train.eval_batches=1"),
+    "train.threads_per_rank=1",
+    *("telemetry.system_metrics=false", "telemetry.peak_tflops=1", "telemetry.heatmap_every=0"),
+]
+MOE = ["model=tiny_moe_top2", "zero=stage2", "parallel=ep2", *FAST]
+SLURM = ["cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.slurm_time=10"]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[SlurmCluster]:
+    """One cluster for the module; stopped and removed afterwards, also on failure."""
+    reason = missing_prerequisite()
+    if reason is not None:
+        print(f"\nSKIPPED Slurm tests: {reason}")
+        pytest.skip(f"Slurm test cluster unavailable: {reason}")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(shared_cache: Path) -> Path:
+    """The corpus tokenized once, before any job (both "nodes" share this disk)."""
+    from moelab.data import prepare_data
+
+    prepare_data(to_schema(compose_config([*MOE, f"data.cache_dir={shared_cache}"])).data)
+    return shared_cache
+
+
+def launch(
+    cluster: SlurmCluster, workdir: Path, cache: Path, *args: str, **popen: Any
+) -> subprocess.Popen[str]:
+    env = {**launcher_env(workdir, cache), "SLURM_CONF": str(cluster.conf)}
+    popen.setdefault("stdin", subprocess.DEVNULL)  # not a terminal: Ctrl-C cancels at once
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def runs(workdir: Path) -> list[Any]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    return list(client.search_runs([client.get_experiment_by_name("moelab").experiment_id]))
+
+
+BAD_DATA = ["data.source=hub", "data.path=/nonexistent/moelab-data"]  # only the ranks look
+SWEEP = [
+    *("-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10"),
+    *("model=tiny_dense", *FAST, "cluster.nproc_per_node=1", "train.seed=1,2"),
+]
+
+
+@pytest.fixture(scope="module")
+def started(
+    slurm: SlurmCluster, cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[subprocess.Popen[str], Path]]]:
+    """(a), (b) and (d) submitted at once: Slurm queues them and they overlap on the cores."""
+    specs = {"complete": [*SLURM, *MOE], "fail": [*SLURM, *MOE, *BAD_DATA], "sweep": SWEEP}
+    procs = {}
+    try:
+        for name, args in specs.items():
+            workdir = tmp_path_factory.mktemp(name)
+            procs[name] = (launch(slurm, workdir, cache, *args), workdir)
+        yield procs
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.slow
+def test_two_nodes_moe_run_completes(slurm: SlurmCluster, started: dict[str, Any]) -> None:
+    proc, tmp_path = started["complete"]
+    code, out = finish(proc)
+    assert code == 0, out[-6000:]
+    (run,) = runs(tmp_path)
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert (tags["world_size"], tags["nodes"]) == ("2", "2")
+    assert slurm.job_state(tags["slurm_job_id"])["JobState"] == "COMPLETED"
+    assert run.data.metrics["moe/a2a_ms"] > 0, "the all-to-all ran between the two nodes"
+    assert "moe/layer_0/a2a_ms" in run.data.metrics
+    # the terminal got node 0's log (rank 0), not node 1's; the master came from the nodelist
+    assert "--node_rank=0" in out and "--node_rank=1" not in out
+    assert "--master_addr=127.0.0.1" in out
+    run_dir = Path(tags["run_dir"])
+    assert "--node_rank=1" in (run_dir / "train-node1.log").read_text()
+    assert (run_dir / "hostfile.slurm").read_text() == "n1 slots=1\nn2 slots=1\n"
+
+
+@pytest.mark.slow
+def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Any]) -> None:
+    proc, tmp_path = started["fail"]
+    code, out = finish(proc)
+    assert code != 0, out[-3000:]
+    assert "Couldn't find any data file at /nonexistent/moelab-data" in out
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert slurm.job_state(run.data.tags["slurm_job_id"])["JobState"] == "FAILED"
+
+
+@pytest.mark.slow
+def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path) -> None:
+    """On a terminal the launcher asks before cancelling; the answer comes from the pty."""
+    tty, pty_slave = pty.openpty()
+    args = [*SLURM, *MOE, "train.steps=500"]  # cancelled long before the end
+    proc = launch(slurm, tmp_path, cache, *args, stdin=pty_slave)
+    os.close(pty_slave)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " RUNNING on " in line:
+            break
+    assert seen and " RUNNING on " in seen[-1], "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    os.write(tty, b"y\n")
+    code, out = finish(proc, timeout=120)
+    os.close(tty)
+    assert code == 128 + signal.SIGINT, "".join(seen) + out
+    (run,) = runs(tmp_path)
+    job_id = run.data.tags["slurm_job_id"]
+    assert f"cancel job {job_id}? [y/N]" in out
+    assert slurm.squeue() == []
+    assert run.info.status == "KILLED"
+    assert slurm.job_state(job_id)["JobState"] == "CANCELLED"
+
+
+@pytest.mark.slow
+def test_submitit_sweep_parent_and_children(started: dict[str, Any]) -> None:
+    proc, tmp_path = started["sweep"]
+    code, out = finish(proc)
+    assert code == 0, out[-6000:]
+    (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["override.train.seed"] for c in children} == {"1", "2"}
+    job_ids = {c.data.tags["slurm_job_id"] for c in children}
+    assert len(job_ids) == 2, "each job of the sweep ran as its own Slurm job"
+
+
+# --- in-process: rendering, validation, checks against the cluster -----------------------
+
+
+def test_slurm_options_compose() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from launcher.compose import CONFIG_DIR, register_schema
+
+    extra = "cluster.slurm_extra=['--qos=high','--constraint=a100']"
+    more = [extra, "cluster.slurm_account=proj", "cluster.wait=false"]
+    cfg = to_schema(compose_config([*SLURM, *more]))
+    assert cfg.cluster.slurm_extra == ["--qos=high", "--constraint=a100"]
+    assert (cfg.cluster.slurm_account, cfg.cluster.wait) == ("proj", False)
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        hc = compose("config", ["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    assert hc.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+
+
+def test_job_sbatch_rendered(tmp_path: Path) -> None:
+    from launcher.render import render
+
+    opts = ["cluster.gpus_per_node=4", "cluster.slurm_partition=gpu", "cluster.slurm_account=proj"]
+    extra = "cluster.slurm_extra=['--qos=high']"
+    cfg = to_schema(compose_config([*SLURM, *MOE, *opts, extra, "parallel.ep_size=4"]))
+    validate(cfg)
+    files = render(cfg, tmp_path)
+    text = (tmp_path / "job.sbatch").read_text()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=10",
+        "#SBATCH --qos=high",
+        f"#SBATCH --output={tmp_path}/slurm-%j.out",
+        f"#SBATCH --error={tmp_path}/slurm-%j.err",
+    ):
+        assert line in text.splitlines(), line
+    assert "2 nodes x 4 ranks per node = world size 8" in text
+    assert '--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR"' in text
+    assert files.command == ["sbatch", "--parsable", str(tmp_path / "job.sbatch")]
+    assert "launcher.slurm end-run" not in text  # followed: the launcher ends the run
+    cfg.cluster.wait = False
+    render(cfg, tmp_path)
+    epilogue = f"python -m launcher.slurm end-run {tmp_path} $code"
+    assert epilogue in (tmp_path / "job.sbatch").read_text()
+
+
+BAD = [
+    (["cluster.slurm_time=1:2:3:4"], "cluster.slurm_time='1:2:3:4' is not a Slurm time"),
+    (["cluster.world_size=4"], "cluster.world_size=4 is not cluster.nodes x ranks per node"),
+    (["cluster.slurm_extra=['--nodes=4']"], "entry '--nodes=4' sets what moelab renders"),
+    (["cluster.slurm_extra=['qos=high']"], "entry 'qos=high' is not an sbatch option"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[o[0] for o, _ in BAD])
+def test_slurm_config_rejected(overrides: list[str], message: str) -> None:
+    cfg = to_schema(compose_config([*SLURM, *MOE, *overrides]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value) and str(err.value).count(". ") == 0
+
+
+def test_time_limits() -> None:
+    assert [minutes(t) for t in ("90", "90:30", "1:30:00", "2-3", "2-03:10", "1-0:0:1")] == [
+        *(90, 91, 90, 2 * 1440 + 180, 2 * 1440 + 190, 1441),
+    ]
+    assert minutes("soon") is None and minutes("1:2:3:4") is None
+
+
+@pytest.mark.slow
+def test_checked_against_the_cluster(slurm: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.slurm import check_cluster
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+
+    def error(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            check_cluster(to_schema(compose_config([*SLURM, *MOE, *overrides])))
+        return str(err.value)
+
+    check_cluster(to_schema(compose_config([*SLURM, *MOE, f"cluster.slurm_partition={PARTITION}"])))
+    assert "cluster.slurm_partition='gpu' is not a partition" in error(
+        "cluster.slurm_partition=gpu"
+    )
+    assert "(sinfo lists: debug)" in error("cluster.slurm_partition=gpu")
+    assert "cluster.nodes=3 exceeds the 2 nodes of partition debug" in error("cluster.nodes=3")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "needs Slurm's sbatch on the PATH" in error()
