@@ -12,7 +12,9 @@ per weight (2 for bf16/fp16, 4 for fp32), per parameter of a rank:
   optimizer   mixed precision: 16 = fp32 master 4 + Adam m 4 + v 4 + fp32 gradient 4
               fp32 with ZeRO-1/2: 16 = DeepSpeed's fp32 partition copy 4 + m 4 + v 4 + grad 4
               fp32 with ZeRO-0: 8 = m + v (the optimizer steps the weights themselves)
-              (ZeRO >= 1: / dp; offload_optimizer=cpu: 0 on the device)
+              (ZeRO >= 1: / dp; offload_optimizer=cpu: 0 on the device; bf16 at ZeRO-0 runs
+              DeepSpeed's BF16_Optimizer, which partitions these like ZeRO-1: counted whole
+              here, an upper bound)
   buffers     ZeRO-2 with contiguous_gradients: reduce_bucket_size * w, twice with overlap_comm
 
 where `dp` is `world` for non-expert and `world/ep` for expert parameters.
