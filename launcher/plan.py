@@ -1,4 +1,6 @@
-"""moelab-plan: parameters, FLOPs per token and the expert-parallel layout of a config.
+"""moelab-plan: parameters, FLOPs, memory per device, EP layout and serving of a config.
+
+The arithmetic lives in moelab.memory and moelab.flops; this module presents it.
 
 moelab-plan model=seed_600m_moe
 moelab-plan model=seed_600m_moe plan.format=json
@@ -16,6 +18,19 @@ from hydra.errors import HydraException
 from launcher.compose import compose_config, to_schema
 from launcher.validate import ConfigError, validate
 from moelab.config import MoelabConfig
+from moelab.flops import flops_per_token
+from moelab.memory import (
+    DEVICES,
+    GIB,
+    Sizes,
+    TrainSetup,
+    all_to_all_bytes,
+    deepspeed_differences,
+    deepspeed_estimate,
+    estimate_memory,
+    fixes_that_fit,
+    inference_view,
+)
 
 
 def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
@@ -36,12 +51,45 @@ def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
     }
 
 
+def _sizes(params: Any) -> Sizes:
+    return Sizes(
+        total=params.total,
+        active=params.active,
+        experts=params.experts,
+        embedding=params.embedding,
+        lm_head=params.lm_head,
+    )
+
+
+def memory_plan(cfg: MoelabConfig, sizes: Sizes) -> dict[str, Any]:
+    """Training memory per device, DeepSpeed's own estimate, all-to-all bytes, fixes."""
+    m, seq = cfg.model, cfg.data.seq_len
+    setup = TrainSetup.from_config(cfg)
+    mem = estimate_memory(m, sizes, setup, seq)
+    budget = cfg.cluster.device_memory_gb * GIB
+    gpus = cfg.cluster.nproc_per_node
+    ds = deepspeed_estimate(sizes, setup, gpus, max(sizes.embedding, sizes.lm_head))
+    return {
+        "memory_per_device": mem.as_dict(),
+        "device_memory_bytes": budget,
+        "fits": mem.total <= budget,
+        "fixes": [] if mem.total <= budget else fixes_that_fit(m, sizes, setup, seq, budget, gpus),
+        "deepspeed_estimate": {
+            "model_states_bytes_per_device": ds,
+            "moelab_model_states_bytes": mem.total - mem.activations - mem.buffers,
+            "differences": deepspeed_differences(m, setup),
+        },
+        "all_to_all_bytes": all_to_all_bytes(m, setup, seq),
+    }
+
+
 def build_plan(cfg: MoelabConfig) -> dict[str, Any]:
-    from moelab.flops import flops_per_token
     from moelab.models.sizing import count_params
 
     params = count_params(cfg.model)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    sizes = _sizes(params)
+    device = DEVICES[cfg.plan.device]
     return {
         "model": cfg.model.name,
         "ffn": cfg.model.ffn,
@@ -49,33 +97,113 @@ def build_plan(cfg: MoelabConfig) -> dict[str, Any]:
         "params_active": params.active,
         "params": params.as_dict(),
         "seq_len": cfg.data.seq_len,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "precision": cfg.train.precision,
+        "zero_stage": cfg.zero.stage,
         "flops_per_token": flops.training,
         "flops_per_token_forward": flops.forward,
         "flops_forward_parts": flops.parts,
         "moe_layers": cfg.model.moe_layer_indices(),
         "ep_layout": ep_layout(cfg),
+        **memory_plan(cfg, sizes),
+        "inference": inference_view(cfg.model, sizes, device, cfg.data.seq_len, cfg.ep_size),
     }
 
 
-def format_text(plan: dict[str, Any]) -> str:
-    p, ep = plan["params"], plan["ep_layout"]
-    more = " ..." if len(ep["ep_groups"]) > 8 else ""
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB"
+
+
+def _ranks(group: list[int]) -> str:
+    """A rank group, short: 0-63 for a block, 0,8,...,56 for a long strided one."""
+    if len(group) > 2 and group == list(range(group[0], group[-1] + 1)):
+        return f"{group[0]}-{group[-1]}"
+    if len(group) > 6:
+        return f"{group[0]},{group[1]},...,{group[-1]}"
+    return ",".join(map(str, group))
+
+
+def _groups(groups: list[list[int]]) -> str:
+    shown = " ".join(f"[{_ranks(g)}]" for g in groups[:8])
+    return shown + (f" ... ({len(groups)} groups)" if len(groups) > 8 else "")
+
+
+def format_params(plan: dict[str, Any]) -> list[str]:
+    p = plan["params"]
     lines = [
         f"model {plan['model']} (ffn={plan['ffn']})",
         f"  parameters  total {plan['params_total']:>16,}   active/token "
         f"{plan['params_active']:>16,}",
     ]
     lines += [f"    {k:<10} {v:>16,}" for k, v in p.items() if k not in ("total", "active") and v]
-    lines += [
+    moe_layers = plan["moe_layers"]
+    more = " ..." if len(moe_layers) > 12 else ""
+    return [
+        *lines,
         f"  FLOPs/token (train, seq {plan['seq_len']}) {plan['flops_per_token']:,.0f}"
         f"   forward {plan['flops_per_token_forward']:,.0f}",
-        f"  MoE layers  {plan['moe_layers'] or 'none'}",
+        f"  MoE layers  {len(moe_layers)}: {moe_layers[:12]}{more}"
+        if moe_layers
+        else "  MoE layers  none",
+    ]
+
+
+def format_layout(plan: dict[str, Any]) -> list[str]:
+    ep, a2a = plan["ep_layout"], plan["all_to_all_bytes"]
+    return [
         f"  world {ep['world_size']}  ep_size {ep['ep_size']}  experts/rank "
         f"{ep['experts_per_rank']}",
-        f"    EP groups            {ep['ep_groups'][:8]}{more}",
-        f"    expert-DP groups     {ep['expert_data_parallel_groups'][:8]}",
+        f"    EP groups            {_groups(ep['ep_groups'])}",
+        f"    expert-DP groups     {_groups(ep['expert_data_parallel_groups'])}",
+        f"    all-to-all per step  {_gib(a2a['per_rank_per_step'])} sent per rank, "
+        f"{_gib(a2a['world_per_step'])} in all",
     ]
-    return "\n".join(lines)
+
+
+def format_memory(plan: dict[str, Any]) -> list[str]:
+    mem, ds = plan["memory_per_device"], plan["deepspeed_estimate"]
+    head = (
+        f"  memory per GPU (ZeRO-{plan['zero_stage']}, {plan['precision']}, micro-batch "
+        f"{plan['micro_batch_size']} x {plan['seq_len']}): {_gib(mem['total'])} of "
+        f"{_gib(plan['device_memory_bytes'])}"
+    )
+    lines = [head] + [f"    {k:<20} {_gib(v):>14}" for k, v in mem.items() if k != "total"]
+    if ds["model_states_bytes_per_device"] is not None:
+        lines.append(
+            f"    DeepSpeed's ZeRO estimator: {_gib(ds['model_states_bytes_per_device'])} of "
+            f"model states (moelab: {_gib(ds['moelab_model_states_bytes'])})"
+        )
+        lines += [f"      - {note}" for note in ds["differences"]]
+    if not plan["fits"]:
+        lines.append(f"  WARNING: {_gib(mem['total'])} per GPU does not fit the device memory.")
+        fixes = plan["fixes"]
+        lines += [f"    fits with {f['fix']} ({_gib(f['bytes_per_device'])})" for f in fixes]
+        lines += (
+            [] if fixes else ["    no change of one or two knobs fits: add GPUs (cluster.nodes)."]
+        )
+    return lines
+
+
+def format_inference(plan: dict[str, Any]) -> list[str]:
+    inf = plan["inference"]
+    return [
+        f"  serving (bf16) on {inf['device']} ({inf['peak_tflops']:g} TFLOP/s, "
+        f"{inf['hbm_tb_s']:g} TB/s)",
+        f"    weights              {_gib(inf['weights_bytes'])} "
+        f"({_gib(inf['weights_bytes_per_device'])} per GPU with ep_size)",
+        f"    KV cache per token   {inf['kv_bytes_per_token']:,} bytes",
+        f"    read per token, b=1  {inf['bytes_per_decoded_token_weights'] / 1e9:,.3f} GB weights"
+        f", {inf['bytes_per_decoded_token'] / 1e9:,.3f} GB with {inf['context']} tokens of KV"
+        f" (<= {inf['batch1_tokens_per_s_bound']:,.0f} tokens/s)",
+        f"    decode turns compute-bound at batch {inf['compute_bound_batch']:,}",
+    ]
+
+
+SECTIONS = (format_params, format_layout, format_memory, format_inference)
+
+
+def format_text(plan: dict[str, Any]) -> str:
+    return "\n".join(line for section in SECTIONS for line in section(plan))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,8 @@ from moelab.config import (
     FFN_KINDS,
     NOISY_GATE_POLICIES,
     NORM_KINDS,
+    PLAN_DEVICES,
+    PLAN_FORMATS,
     PRECISIONS,
     RESUME_MODES,
     ModelConfig,
@@ -200,7 +202,8 @@ def validate_data(cfg: MoelabConfig) -> None:
     )
 
 
-def validate_cluster(cfg: MoelabConfig) -> None:
+def validate_cluster(cfg: MoelabConfig, planning: bool = False) -> None:
+    """Cluster keys; `planning` describes a cluster instead of launching on this one."""
     c = cfg.cluster
     _one_of("cluster.backend", c.backend, CLUSTER_BACKENDS)
     _require(
@@ -213,7 +216,10 @@ def validate_cluster(cfg: MoelabConfig) -> None:
         f"cluster.device_memory_gb={c.device_memory_gb} must be positive (GiB per device).",
     )
     _require(c.nodes >= 1, "cluster.nodes must be at least 1.")
-    _require(c.backend != "local" or c.nodes == 1, "cluster=local runs on one node; set nodes=1.")
+    _require(
+        planning or c.backend != "local" or c.nodes == 1,
+        "cluster=local runs on one node; set nodes=1.",
+    )
     port = c.master_port
     _require(port is None or 1024 <= port <= 65535, "cluster.master_port must be 1024-65535.")
     _require(
@@ -343,8 +349,10 @@ def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:
     validate_parallel(cfg)
     validate_train(cfg)
     validate_data(cfg)
-    validate_cluster(cfg)
+    validate_cluster(cfg, planning)
     validate_tracking(cfg)
     validate_telemetry(cfg)
+    _one_of("plan.format", cfg.plan.format, PLAN_FORMATS)
+    _one_of("plan.device", cfg.plan.device, PLAN_DEVICES)
     if not planning:
         validate_runs_root(cfg)

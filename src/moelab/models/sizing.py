@@ -73,9 +73,15 @@ def count_model_params(model: nn.Module, cfg: ModelConfig, ep_size: int = 1) -> 
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Build `cfg` with all experts (ep_size 1) on the meta device and count its parameters."""
+    """Build `cfg` on the meta device and count its parameters.
+
+    It is built as one EP rank of ep_size = num_experts (one expert per MoE layer) and its
+    experts are counted num_experts times: DeepSpeed's experts are copies of one module, and
+    building arctic_480b's 4,480 experts would take most of the planner's time budget.
+    """
+    ep = cfg.moe.num_experts if cfg.is_moe else 1
     # Random init on meta tensors runs through slow Python decompositions: skip it.
     with init_empty_weights(), no_init_weights():
-        model = build_model(cfg, ep_size=1)
+        model = build_model(cfg, ep_size=ep)
     model.tie_weights()  # init_empty_weights re-creates every registered parameter: tie after it
-    return count_model_params(model, cfg)
+    return count_model_params(model, cfg, ep_size=ep)
