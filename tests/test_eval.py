@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 from helpers import REPO
+from launcher.eval import main as eval_main
 from launcher.eval import parse_overrides
 from moelab.eval import downstream_metrics
-from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 
 def test_overrides_name_the_bad_key() -> None:
@@ -26,18 +26,19 @@ def test_metric_names() -> None:
 
 
 @pytest.mark.slow
-def test_local_task_scores_logged_to_source_run(trained_moe: TrainedMoE) -> None:  # noqa: F811
-    work = trained_moe.workdir
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.eval", str(trained_moe.hf_dir), "tasks=moelab_tiny_qa"]
-        + ["include_path=tests/data/lm_eval", "batch_size=6"],
-        cwd=REPO,  # the task YAML names its data file relative to the repo root
-        env=subprocess_env(work),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_local_task_scores_logged_to_source_run(
+    trained_moe: TrainedMoE,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.chdir(REPO)  # the task YAML names its data file relative to the repo root
+    args = [str(trained_moe.hf_dir), "tasks=moelab_tiny_qa", "include_path=tests/data/lm_eval"]
+    assert eval_main([*args, "batch_size=6"]) == 0
+    assert '"eval/downstream/moelab_tiny_qa_acc"' in capsys.readouterr().out
     from mlflow.tracking import MlflowClient
 
     ref = json.loads((trained_moe.run_dir / "mlflow_run.json").read_text())

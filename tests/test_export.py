@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 from launcher.export import main as export_main
 from moelab.config import ModelConfig, MoEConfig
 from moelab.export import gather_state_dict, resolve_source
 from moelab.models import build_model
 from moelab.models.moe_torch import TopKRouter
-from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 LOAD_SCRIPT = """
 import sys, torch
@@ -44,7 +44,13 @@ def _tiny(ffn: str, top_k: int, drop: bool) -> ModelConfig:
 
 @pytest.mark.parametrize(
     ("ffn", "top_k", "drop"),
-    [("moe", 1, True), ("moe", 2, True), ("moe", 2, False), ("pr_moe", 1, False), ("arctic", 2, True)],
+    [
+        ("moe", 1, True),
+        ("moe", 2, True),
+        ("moe", 2, False),
+        ("pr_moe", 1, False),
+        ("arctic", 2, True),
+    ],
 )
 def test_torch_moe_matches_deepspeed_moe_in_eval(ffn: str, top_k: int, drop: bool) -> None:
     cfg = _tiny(ffn, top_k, drop)
@@ -67,7 +73,7 @@ def test_torch_moe_matches_deepspeed_moe_in_eval(ffn: str, top_k: int, drop: boo
 
 
 def test_export_refuses_a_directory_without_a_run(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no config.yaml"):
+    with pytest.raises(ValueError, match=r"no config\.yaml"):
         resolve_source(tmp_path)
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
 

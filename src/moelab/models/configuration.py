@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-try:  # absent beside an exported copy, which needs only the flat fields below
+# absent beside an exported copy, which needs only the flat fields below; a `try` (not
+# contextlib.suppress) because transformers' import check of remote code skips `try` blocks
+try:  # noqa: SIM105
     from moelab.config import ModelConfig, MoEConfig
 except ImportError:
     pass
