@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from moelab import data
 from moelab.export import load_inference_model, source_tokenizer
-from moelab.models.moe_torch import TorchMoEFFN
+from moelab.models.moe_torch import TopKRouter, TorchMoEFFN
 
 TOP_TOKENS = 20
 
@@ -73,6 +73,7 @@ def _route_recorder(
             continue
 
         def hook(mod: nn.Module, args: Any, _out: Any, idx: int = ffn.layer_idx) -> None:
+            assert isinstance(mod, TopKRouter)
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # (S, D)
             logits = x @ mod.wg.weight.float().t()  # (S, E): the router's own logits
             routes.setdefault(idx, []).append(logits.topk(top_k, dim=-1).indices.t())

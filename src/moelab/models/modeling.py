@@ -71,7 +71,16 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.post_init()
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **_: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """No KV cache: every decoding step runs the whole sequence (B, T) again."""
         return {"input_ids": input_ids}
 
