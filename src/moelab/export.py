@@ -58,7 +58,9 @@ def resolve_source(run_dir: str | Path, tag: str | None = None) -> Source:
             )
         tag = str(meta["tag"])
     if not (ckpt_dir(run_dir) / tag).is_dir():
-        raise ValueError(f"checkpoint tag {tag!r} is not in {ckpt_dir(run_dir)}; pick an existing one.")
+        raise ValueError(
+            f"checkpoint tag {tag!r} is not in {ckpt_dir(run_dir)}; pick an existing one."
+        )
     step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else -1
     return Source(run_dir, tag, step, load_config(run_dir / "config.yaml"))
 

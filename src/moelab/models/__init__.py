@@ -2,8 +2,8 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelab.models.configuration import MoelabLMConfig
 from moelab.models.build import build_model
+from moelab.models.configuration import MoelabLMConfig
 from moelab.models.modeling import MoelabCausalLMOutput, MoelabForCausalLM
 
 AutoConfig.register(MoelabLMConfig.model_type, MoelabLMConfig, exist_ok=True)
