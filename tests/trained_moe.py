@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,20 @@ def _train(workdir: Path, cache: Path) -> TrainedMoE:
     proc = run_launcher(workdir, cache, *RUN_ARGS)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (run_dir,) = (workdir / "runs" / "moelab").iterdir()
+    _remove_shm_buffers(run_dir)
     assert json.loads((run_dir / "checkpoints" / "meta.json").read_text())["ep_size"] == 2
     from moelab.export import export
 
     hf_dir = export(run_dir, workdir / "hf")
     return TrainedMoE(workdir, run_dir, cache, hf_dir)
+
+
+def _remove_shm_buffers(run_dir: Path) -> None:
+    """DeepSpeed's CPU all-reduce leaves /dev/shm buffers named by the run's master port."""
+    port = re.search(r"master_port=(\d+)", (run_dir / "command.sh").read_text())
+    if port:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port.group(1)}_*"):
+            f.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
