@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moelab.config import ModelConfig
-from moelab.models.layers import CausalSelfAttention, SwiGLU, build_norm
-from moelab.moe import MoEFFN
+from .configuration import MoelabLMConfig
+from .layers import CausalSelfAttention, SwiGLU, build_norm
+from .moe_torch import TorchMoE, TorchMoEFFN
 
 BlockOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -22,19 +22,38 @@ BlockOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 class BlockSpec:
     """Everything a block builder needs: the model config and where this block lives."""
 
-    cfg: ModelConfig
+    cfg: MoelabLMConfig
     layer_idx: int
     ep_size: int = 1
     ep_rank: int = 0
     seed: int = 0
 
 
-def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> MoEFFN:
+def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
+    """DeepSpeed's MoE layer (`moe_impl: deepspeed`) or its pure-torch eval twin (`torch`)."""
     cfg = spec.cfg
+    if cfg.moe_impl == "torch":
+        layer = TorchMoE(
+            cfg.d_model,
+            lambda: SwiGLU(cfg.d_model, cfg.expert_hidden),
+            cfg.moe_num_experts,
+            cfg.moe_top_k,
+            cfg.moe_eval_capacity_factor,
+            cfg.moe_min_capacity,
+            cfg.moe_drop_tokens,
+            use_residual,
+        )
+        return TorchMoEFFN(spec.layer_idx, layer)
+    try:  # an exported copy of this file has no moelab: it only builds moe_impl="torch"
+        from moelab.moe import MoEFFN
+    except ImportError as err:
+        raise ImportError(
+            "moe_impl='deepspeed' needs moelab and DeepSpeed installed; load with moe_impl='torch'."
+        ) from err
     return MoEFFN(
         cfg.d_model,
         SwiGLU(cfg.d_model, cfg.expert_hidden),
-        cfg.moe,
+        cfg.to_model_config().moe,
         layer_idx=spec.layer_idx,
         ep_size=spec.ep_size,
         ep_rank=spec.ep_rank,

@@ -1,4 +1,9 @@
-"""Hugging Face config of a moelab model: `ModelConfig` flattened (MoE knobs prefixed `moe_`)."""
+"""Hugging Face config of a moelab model: `ModelConfig` flattened (MoE knobs prefixed `moe_`).
+
+This file, `modeling.py`, `blocks.py`, `layers.py` and `moe_torch.py` are copied into an
+exported model folder, where they run without moelab: they import each other relatively and
+reach `moelab.*` only inside `try` blocks (which transformers' import check skips).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,16 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from moelab.config import ModelConfig, MoEConfig
+# absent beside an exported copy, which needs only the flat fields below; a `try` (not
+# contextlib.suppress) because transformers' import check of remote code skips `try` blocks
+try:  # noqa: SIM105
+    from moelab.config import ModelConfig, MoEConfig
+except ImportError:
+    pass
 
 _MOE_PREFIX = "moe_"
+MOE_IMPLS = ("deepspeed", "torch")
+_MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
 
 
 class MoelabLMConfig(PretrainedConfig):
@@ -56,15 +68,50 @@ class MoelabLMConfig(PretrainedConfig):
     moe_expert_mlp_ratio: float = 8.0
     moe_expert_hidden_size: int | None = None
     ep_size: int = 1
+    moe_impl: str = "deepspeed"
+    """deepspeed: DeepSpeed's MoE layer (training); torch: pure-torch dispatch (inference)."""
+
+    # The derived sizes of `ModelConfig`, for model code that runs without moelab installed.
+    @property
+    def is_moe(self) -> bool:
+        return self.ffn in _MOE_FFN_KINDS
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_hidden_size or int(self.mlp_ratio * self.d_model) // 2
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_expert_hidden_size or int(self.moe_expert_mlp_ratio * self.d_model) // 2
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.is_moe and (layer_idx + 1) % self.moe_moe_layer_frequency == 0
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, ep_size: int = 1) -> MoelabLMConfig:
+    def from_model_config(
+        cls, cfg: ModelConfig, ep_size: int = 1, moe_impl: str = "deepspeed"
+    ) -> MoelabLMConfig:
         fields: dict[str, Any] = {
             f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "moe"
         }
         for f in dataclasses.fields(cfg.moe):
             fields[_MOE_PREFIX + f.name] = getattr(cfg.moe, f.name)
-        return cls(**fields, ep_size=ep_size)
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={moe_impl!r} is not one of {MOE_IMPLS}; pick one of them.")
+        return cls(**fields, ep_size=ep_size, moe_impl=moe_impl)
 
     def to_model_config(self) -> ModelConfig:
         moe = MoEConfig(

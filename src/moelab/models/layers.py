@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.config import ModelConfig
+from .configuration import MoelabLMConfig
 
 NORM_EPS = 1e-5
 
 
-def build_norm(cfg: ModelConfig) -> nn.Module:
+def build_norm(cfg: MoelabLMConfig) -> nn.Module:
     """LayerNorm or RMSNorm; `norm_affine=False` gives a norm without any parameter."""
     if cfg.norm == "layernorm":
         return nn.LayerNorm(
@@ -52,7 +52,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class CausalSelfAttention(nn.Module):
     """Grouped-query causal attention: `n_kv_heads` key/value heads shared by the query heads."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: MoelabLMConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads

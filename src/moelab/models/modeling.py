@@ -8,14 +8,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from moelab.config import ModelConfig
-from moelab.models.blocks import BlockSpec, build_block
-from moelab.models.configuration import MoelabLMConfig
-from moelab.models.layers import build_norm
+from .blocks import BlockSpec, build_block
+from .configuration import MoelabLMConfig
+from .layers import build_norm
 
 IGNORE_INDEX = -100
 
@@ -34,7 +33,7 @@ class MoelabCausalLMOutput(ModelOutput):
 class MoelabBackbone(nn.Module):
     """Token embedding, the blocks and the final norm."""
 
-    def __init__(self, cfg: ModelConfig, ep_size: int, ep_rank: int, seed: int) -> None:
+    def __init__(self, cfg: MoelabLMConfig, ep_size: int, ep_rank: int, seed: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(
@@ -57,7 +56,7 @@ class MoelabBackbone(nn.Module):
         return self.norm(h), aux, counts
 
 
-class MoelabForCausalLM(PreTrainedModel):
+class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
     """Decoder-only LM in OLMo's conventions with a dense, MoE, Arctic or PR-MoE FFN."""
 
     config_class = MoelabLMConfig
@@ -68,11 +67,22 @@ class MoelabForCausalLM(PreTrainedModel):
 
     def __init__(self, config: MoelabLMConfig, ep_rank: int = 0, seed: int = 0) -> None:
         super().__init__(config)
-        cfg = config.to_model_config()
-        self.moe_cfg = cfg.moe
-        self.model = MoelabBackbone(cfg, config.ep_size, ep_rank, seed)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.model = MoelabBackbone(config, config.ep_size, ep_rank, seed)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.post_init()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """No KV cache: every decoding step runs the whole sequence (B, T) again."""
+        return {"input_ids": input_ids}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -105,7 +115,7 @@ class MoelabForCausalLM(PreTrainedModel):
         lm_loss = loss = None
         if labels is not None:
             lm_loss = shifted_cross_entropy(logits, labels)
-            loss = lm_loss + self.moe_cfg.aux_loss_coeff * aux_loss
+            loss = lm_loss + self.config.moe_aux_loss_coeff * aux_loss
         return MoelabCausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, exp_counts=tuple(counts)
         )
@@ -116,13 +126,3 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     target = labels[:, 1:].reshape(-1).to(logits.device)
     return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
-
-
-def build_model(
-    cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0
-) -> MoelabForCausalLM:
-    """A freshly initialised model; non-expert weights depend on `seed` only, experts on their
-    global id and `seed`, so every EP layout starts from the same weights."""
-    torch.manual_seed(seed)
-    config = MoelabLMConfig.from_model_config(cfg, ep_size=ep_size)
-    return MoelabForCausalLM(config, ep_rank=ep_rank, seed=seed)

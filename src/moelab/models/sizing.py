@@ -9,7 +9,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from moelab.config import ModelConfig
-from moelab.models.modeling import build_model
+from moelab.models.build import build_model
 from moelab.moe import iter_moe_layers
 
 _PARTS = ("embedding", "lm_head", "attention", "dense_ffn", "experts", "router", "norms")

@@ -1,0 +1,1 @@
+"""Analyses of trained checkpoints (routing)."""

@@ -1,0 +1,147 @@
+"""DeepSpeed checkpoint of a run -> one Hugging Face `save_pretrained` folder.
+
+A run's checkpoint tag holds the non-expert weights once (`mp_rank_00_model_states.pt`,
+replicated under ZeRO 0-2) and one file per expert, named by its global id, written by
+the EP rank that owns it (`layer_<L>_expert_<E>_mp_rank_00_model_states.pt`). Reading
+every expert file gathers all EP ranks' experts into a single state dict, which loads into
+the model with `moe_impl: torch` (the pure-torch MoE dispatch: no DeepSpeed, no process
+group). The folder gets the config, safetensors weights, the run's tokenizer and the
+modeling code (copied by transformers' custom-code mechanism), so
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` loads it anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import PreTrainedTokenizerFast
+from transformers.initialization import no_init_weights
+
+from moelab import data
+from moelab.checkpoint import ckpt_dir, read_meta
+from moelab.config import MoelabConfig, load_config
+from moelab.models import MoelabForCausalLM, MoelabLMConfig
+
+NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+EXPORT_INFO = "moelab_export.json"
+"""In the exported folder: the source run dir, checkpoint tag and step, and its MLflow run."""
+RUN_REF = "mlflow_run.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which checkpoint of which run was read."""
+
+    run_dir: Path
+    tag: str
+    step: int
+    cfg: MoelabConfig
+
+
+def resolve_source(run_dir: str | Path, tag: str | None = None) -> Source:
+    """The run's config and checkpoint tag (the newest complete one unless `tag` is given)."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} has no config.yaml; pass a moelab run directory.")
+    meta = read_meta(run_dir)
+    if tag is None:
+        if meta is None:
+            raise ValueError(
+                f"{run_dir} has no complete checkpoint; train with train.checkpoint_every > 0."
+            )
+        tag = str(meta["tag"])
+    if not (ckpt_dir(run_dir) / tag).is_dir():
+        raise ValueError(
+            f"checkpoint tag {tag!r} is not in {ckpt_dir(run_dir)}; pick an existing one."
+        )
+    step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else -1
+    return Source(run_dir, tag, step, load_config(run_dir / "config.yaml"))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    # DeepSpeed pickles optimizer/scheduler state beside the weights: a full unpickle of the
+    # run's own files (never load checkpoints from an untrusted source).
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert isinstance(state, dict)
+    return state
+
+
+def gather_state_dict(source: Source) -> dict[str, torch.Tensor]:
+    """Non-expert weights plus every expert of every MoE layer, keyed as in the model."""
+    tag_dir = ckpt_dir(source.run_dir) / source.tag
+    state: dict[str, torch.Tensor] = dict(_load(tag_dir / NON_EXPERT_FILE)["module"])
+    expert_files = sorted(p for p in tag_dir.iterdir() if EXPERT_FILE.fullmatch(p.name))
+    for path in expert_files:
+        state.update(_load(path))
+    model = source.cfg.model
+    want = len(model.moe_layer_indices()) * model.moe.num_experts
+    if len(expert_files) != want:
+        raise ValueError(
+            f"{tag_dir} holds {len(expert_files)} expert files, not {want} "
+            f"({model.moe.num_experts} experts x {len(model.moe_layer_indices())} MoE layers); "
+            "the checkpoint is incomplete: export another tag with --tag."
+        )
+    return state
+
+
+def inference_config(source: Source) -> MoelabLMConfig:
+    """The HF config of the exported model: all experts local, pure-torch MoE dispatch."""
+    config = MoelabLMConfig.from_model_config(source.cfg.model, ep_size=1, moe_impl="torch")
+    config.use_cache = False
+    return config
+
+
+def load_inference_model(
+    run_dir: str | Path, tag: str | None = None
+) -> tuple[MoelabForCausalLM, Source]:
+    """The checkpoint's model with every expert, in eval mode, on the CPU."""
+    source = resolve_source(run_dir, tag)
+    state = gather_state_dict(source)
+    with init_empty_weights(), no_init_weights():
+        model = MoelabForCausalLM(inference_config(source))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval(), source
+
+
+def source_tokenizer(cfg: MoelabConfig) -> PreTrainedTokenizerFast:
+    """The run's tokenizer (cached by the data pipeline; trained again if the cache is gone)."""
+    tok = data.get_tokenizer(cfg.data)
+    tok.model_max_length = cfg.model.max_seq_len
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """Write the `save_pretrained` folder of `run_dir`'s checkpoint to `out_dir`."""
+    out = Path(out_dir)
+    model, source = load_inference_model(run_dir, tag)
+    tok = source_tokenizer(source.cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.use_cache = False
+    # Copies modeling.py and the files it imports relatively into `out` (auto_map in config).
+    MoelabLMConfig.register_for_auto_class()
+    MoelabForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / EXPORT_INFO).write_text(json.dumps(export_info(source), indent=2) + "\n")
+    return out
+
+
+def export_info(source: Source) -> dict[str, Any]:
+    info: dict[str, Any] = {"run_dir": str(source.run_dir), "tag": source.tag}
+    info |= {"step": source.step, "variant": source.cfg.model.name}
+    ref = source.run_dir / RUN_REF
+    if ref.exists():
+        info["mlflow"] = json.loads(ref.read_text())
+    return info

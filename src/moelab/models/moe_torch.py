@@ -1,0 +1,166 @@
+"""A pure-torch twin of DeepSpeed's MoE layer in eval mode, for inference without DeepSpeed.
+
+It needs no process group (all experts are local) and computes what `deepspeed.moe`'s
+top-1/top-2 gating computes outside training: softmax over the router logits in fp32, the
+top expert(s) by argmax, top-2 weights renormalised over the two, no noise, no random token
+selection, and the same capacity (`eval_capacity_factor`, `min_capacity`) with the same
+positional drops. Module and parameter names mirror DeepSpeed's (`layer.deepspeed_moe.gate.wg`,
+`...experts.deepspeed_experts.<e>`, `layer.mlp`, `layer.coefficient`), so one state dict
+loads into either implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Routes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""(l_aux, expert index (k, S) with -1 for a dropped route, gate weight (k, S), exp_counts)."""
+
+
+def _capacity(num_tokens: int, num_experts: int, factor: float, min_capacity: int) -> int:
+    # DeepSpeed computes this with a float32 tensor factor: same rounding here.
+    cap = torch.ceil((num_tokens / num_experts) * torch.tensor(factor)).to(torch.int64)
+    return max(int(cap), min_capacity)
+
+
+def top1_routes(
+    logits: torch.Tensor, capacity_factor: float, min_capacity: int, drop_tokens: bool
+) -> Routes:
+    """DeepSpeed's `top1gating` (eval mode, no RTS) on logits (S, E)."""
+    gates = F.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    index = torch.argmax(gates, dim=1)
+    mask = F.one_hot(index, num_classes=num_experts)
+    exp_counts = mask.sum(dim=0)
+    if drop_tokens:
+        capacity = _capacity(num_tokens, num_experts, capacity_factor, min_capacity)
+    else:
+        capacity = int(exp_counts.max())
+    l_aux = torch.sum(gates.mean(dim=0) * mask.float().mean(dim=0)) * num_experts
+    # Same op as DeepSpeed on the same 0/1 tensor, so ties resolve to the same kept tokens.
+    kept = torch.topk(mask, k=min(capacity, num_tokens), dim=0)[1]
+    mask = mask * torch.zeros_like(mask).scatter_(0, kept, 1)
+    index = torch.where(mask.any(dim=1), index, torch.full_like(index, -1))
+    weight = (gates * mask).sum(dim=1)
+    return l_aux, index.unsqueeze(0), weight.unsqueeze(0), exp_counts
+
+
+def top2_routes(
+    logits: torch.Tensor, capacity_factor: float, min_capacity: int, drop_tokens: bool
+) -> Routes:
+    """DeepSpeed's `top2gating` (eval mode, no 2nd-expert sampling) on logits (S, E)."""
+    gates = F.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    index1 = torch.argmax(gates, dim=1)
+    mask1 = F.one_hot(index1, num_classes=num_experts)
+    index2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+    mask2 = F.one_hot(index2, num_classes=num_experts)
+    # Slots fill in token order, first choices before second choices.
+    loc1 = torch.cumsum(mask1, dim=0) - 1
+    loc2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
+    l_aux = torch.mean(gates.mean(dim=0) * mask1.float().mean(dim=0)) * num_experts**2
+    exp_counts = (mask1 + mask2).sum(dim=0)
+    if drop_tokens:
+        capacity = _capacity(num_tokens, num_experts, capacity_factor * 2, min_capacity)
+        mask1 = mask1 * (loc1 < capacity)
+        mask2 = mask2 * (loc2 < capacity)
+    w1 = (gates * mask1.float()).sum(dim=1)
+    w2 = (gates * mask2.float()).sum(dim=1)
+    denom = torch.clamp(w1 + w2, min=torch.finfo(w1.dtype).eps)
+    index1 = torch.where(mask1.any(dim=1), index1, torch.full_like(index1, -1))
+    index2 = torch.where(mask2.any(dim=1), index2, torch.full_like(index2, -1))
+    return l_aux, torch.stack([index1, index2]), torch.stack([w1 / denom, w2 / denom]), exp_counts
+
+
+class TopKRouter(nn.Module):
+    """The gate: `wg` (no bias) applied in fp32, then top-1 or top-2 routes."""
+
+    def __init__(
+        self, d_model: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int,
+        drop_tokens: bool,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if k not in (1, 2):
+            raise ValueError(f"moe_top_k={k} is not supported; use 1 or 2.")
+        self.wg = nn.Linear(d_model, num_experts, bias=False)
+        self.k, self.capacity_factor = k, capacity_factor
+        self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
+
+    def forward(self, x: torch.Tensor) -> Routes:
+        logits = F.linear(x.float(), self.wg.weight.float())  # (S, E)
+        routes = top1_routes if self.k == 1 else top2_routes
+        return routes(logits, self.capacity_factor, self.min_capacity, self.drop_tokens)
+
+
+class ExpertList(nn.Module):
+    """The experts (DeepSpeed's `Experts`, all of them local)."""
+
+    def __init__(self, experts: list[nn.Module]) -> None:
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(experts)
+
+
+class RoutedExperts(nn.Module):
+    """DeepSpeed's `MOELayer` without all-to-all: route, run each expert on its tokens, combine."""
+
+    def __init__(self, gate: TopKRouter, experts: ExpertList) -> None:
+        super().__init__()
+        self.gate, self.experts = gate, experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = x.reshape(-1, x.shape[-1])  # (S, D)
+        l_aux, index, weight, exp_counts = self.gate(tokens)
+        routed = tokens.new_zeros((index.shape[0], *tokens.shape))  # (k, S, D)
+        for e, expert in enumerate(self.experts.deepspeed_experts):
+            route, token = torch.nonzero(index == e, as_tuple=True)
+            if token.numel():
+                routed[route, token] = expert(tokens[token])
+        # Gate weights are fp32: weight and sum the routes in fp32, as DeepSpeed does.
+        combined = (routed * weight.unsqueeze(-1)).sum(dim=0).to(x.dtype)
+        return combined.reshape(x.shape), l_aux, exp_counts
+
+
+class TorchMoE(nn.Module):
+    """`deepspeed.moe.layer.MoE` for inference: experts, plus PR-MoE's residual MLP and mix."""
+
+    def __init__(
+        self, d_model: int, make_expert: Callable[[], nn.Module], num_experts: int, k: int,
+        eval_capacity_factor: float, min_capacity: int, drop_tokens: bool, use_residual: bool,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        gate = TopKRouter(d_model, num_experts, k, eval_capacity_factor, min_capacity, drop_tokens)
+        experts = ExpertList([make_expert() for _ in range(num_experts)])
+        self.deepspeed_moe = RoutedExperts(gate, experts)
+        self.use_residual = use_residual
+        if use_residual:
+            self.mlp = make_expert()
+            self.coefficient = nn.Linear(d_model, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, l_aux, exp_counts = self.deepspeed_moe(x)
+        if self.use_residual:
+            coef = F.softmax(self.coefficient(x), dim=-1)
+            out = out * coef[..., 0:1] + self.mlp(x) * coef[..., 1:]
+        return out, l_aux, exp_counts
+
+
+class TorchMoEFFN(nn.Module):
+    """Same interface and state-dict keys as `moelab.moe.MoEFFN`: forward gives
+    (out, l_aux, exp_counts), always with eval-mode routing."""
+
+    def __init__(self, layer_idx: int, layer: TorchMoE) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer = layer
+
+    @property
+    def gate(self) -> TopKRouter:
+        return self.layer.deepspeed_moe.gate
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, l_aux, exp_counts = self.layer(x)
+        return out, l_aux, exp_counts

@@ -1,0 +1,43 @@
+"""Routing analysis of a real ep2-trained MoE checkpoint on held-out plays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+from trained_moe import TrainedMoE, trained_moe  # noqa: F401
+
+from moelab.analysis.routing import TOP_TOKENS, analyze, doc_title, routing_section, write_outputs
+
+
+def test_doc_title_is_the_first_line() -> None:
+    assert doc_title("\n  Hamlet\n\nACT I", 0) == "Hamlet"
+    assert doc_title("   \n", 3) == "doc3"
+
+
+@pytest.mark.slow
+def test_routing_outputs(trained_moe: TrainedMoE, tmp_path: Path) -> None:  # noqa: F811
+    stats = analyze(trained_moe.run_dir, max_tokens_per_doc=300)
+    assert stats.top_k == 2 and stats.num_experts == 4
+    assert [lr.layer for lr in stats.layers] == [0, 1, 2, 3]  # tiny_moe_top2: every layer
+    assert stats.documents and stats.tokens == 300 * len(stats.documents)
+    for lr in stats.layers:
+        assert len(lr.top_tokens) == 4 and all(len(t) <= TOP_TOKENS for t in lr.top_tokens)
+        for tokens in lr.top_tokens:
+            counts = [n for _, n in tokens]
+            assert counts == sorted(counts, reverse=True)
+        # every token goes to top_k distinct experts
+        assert sum(lr.routes_per_expert) == 2 * stats.tokens
+        assert set(lr.doc_share) == set(stats.documents)
+        for share in lr.doc_share.values():
+            assert len(share) == 4 and sum(share) == pytest.approx(1.0)
+        assert 0.0 <= lr.keep_rate <= 1.0 and 0.25 <= lr.chance_keep_rate <= 1.0
+
+    html = routing_section(stats)
+    assert html.startswith('<section class="routing">') and html.count("data:image/png") == 2
+    out = write_outputs(stats, tmp_path / "routing")
+    assert json.loads((out / "routing.json").read_text())["layers"][0]["layer"] == 0
+    for png in ("doc_share.png", "keep_rate.png"):
+        assert mpimg.imread(out / png).shape[0] > 50
