@@ -41,3 +41,21 @@ def test_routing_outputs(trained_moe: TrainedMoE, tmp_path: Path) -> None:  # no
     assert json.loads((out / "routing.json").read_text())["layers"][0]["layer"] == 0
     for png in ("doc_share.png", "keep_rate.png"):
         assert mpimg.imread(out / png).shape[0] > 50
+
+
+@pytest.mark.slow
+def test_report_routing_section(trained_moe: TrainedMoE, tmp_path: Path) -> None:  # noqa: F811
+    from launcher.report import EXTRA_SECTIONS, sections
+    from launcher.report.collect import RunData
+
+    assert sections.routing in EXTRA_SECTIONS  # every report page gets it
+    moe = RunData("r1", "tiny_moe_top2", {}, 1, 1, layers={0: {}}, run_dir=str(trained_moe.run_dir))
+    no_ckpt = RunData("r2", "other_moe", {}, 1, 1, layers={0: {}}, run_dir=str(tmp_path))
+    dense = RunData("r3", "tiny_dense", {}, 1, 1, run_dir=str(trained_moe.run_dir))
+    section = sections.routing([moe, no_ckpt, dense], tmp_path / "out")
+    assert section is not None
+    title, html = section
+    assert title.startswith("Routing analysis")
+    assert "<h3>tiny_moe_top2</h3>" in html and "other_moe" not in html and "tiny_dense" not in html
+    assert (tmp_path / "out" / "routing-tiny_moe_top2" / "routing.json").exists()
+    assert sections.routing([no_ckpt, dense], tmp_path / "out") is None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.report import sections
 from launcher.report.collect import RunData, Selection, read_runs, select_experiment, select_parent
 from launcher.report.compare import Comparison, build_comparison, cells, describe_x, headers
 from launcher.report.figures import Figure, draw_all, missing_heatmaps
@@ -31,7 +32,7 @@ PAGE = "report.html"
 ARTIFACT_DIR = "report"
 
 SectionHook = Callable[[list[RunData], Path], Section | None]
-EXTRA_SECTIONS: list[SectionHook] = []
+EXTRA_SECTIONS: list[SectionHook] = [sections.routing]
 """Hooks for further sections (e.g. routing analysis, an aux-loss table): see the docstring."""
 
 

@@ -51,6 +51,8 @@ class RunData:
     """MoE layer index -> {a2a_ms | load_cv | drop_fraction: series}; empty for dense runs."""
     heatmap: Path | None = None
     """The run's latest plots/expert_load_step{N}.png, downloaded (None if it logged none)."""
+    run_dir: str = ""
+    """The run directory it trained in (checkpoints for the routing section)."""
 
     @property
     def is_moe(self) -> bool:
@@ -171,6 +173,7 @@ def read_run(client: Any, run: Any, label: str, tmp: Path) -> RunData:
         tags=dict(run.data.tags),
         tokens_per_step=t.micro_batch_size * t.grad_accum * cfg.data.seq_len * world,
         train_flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len).training,
+        run_dir=cfg.run_dir,
     )
     data.history = {k: _history(client, run_id, k) for k in HISTORY_KEYS if k in run.data.metrics}
     for key in run.data.metrics:
