@@ -55,6 +55,9 @@ class MoelabLMConfig(PretrainedConfig):
     moe_aux_loss_coeff: float = 0.01
     moe_expert_mlp_ratio: float = 8.0
     moe_expert_hidden_size: int | None = None
+    moe_granularity: int = 1
+    moe_granularity_round: int = 0
+    moe_z_loss_coeff: float = 0.0
     ep_size: int = 1
 
     @classmethod

@@ -16,17 +16,20 @@ from moelab.config import ModelConfig
 from moelab.models.blocks import BlockSpec, build_block
 from moelab.models.configuration import MoelabLMConfig
 from moelab.models.layers import build_norm
+from moelab.moe import router_z_loss_sum
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class MoelabCausalLMOutput(ModelOutput):
-    """`loss = lm_loss + aux_loss_coeff * aux_loss`; `aux_loss` sums l_aux over MoE layers."""
+    """`loss = lm_loss + aux_loss_coeff * aux_loss + z_loss_coeff * z_loss`; `aux_loss` sums
+    l_aux and `z_loss` the router z-loss over MoE layers."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     exp_counts: tuple[torch.Tensor, ...] | None = None
 
@@ -101,13 +104,23 @@ class MoelabForCausalLM(PreTrainedModel):
             raise ValueError(f"sequence of {input_ids.shape[-1]} > max_seq_len")
         h, aux, counts = self.model(input_ids)
         logits = self.lm_head(h)  # (B, T, V)
-        aux_loss = torch.stack(aux).sum() if aux else logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux).sum() if aux else zero
+        z_sum = router_z_loss_sum(self.model)
+        z_loss = z_sum if z_sum is not None else zero
         lm_loss = loss = None
         if labels is not None:
             lm_loss = shifted_cross_entropy(logits, labels)
             loss = lm_loss + self.moe_cfg.aux_loss_coeff * aux_loss
+            if self.moe_cfg.z_loss_coeff:
+                loss = loss + self.moe_cfg.z_loss_coeff * z_loss
         return MoelabCausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, exp_counts=tuple(counts)
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            exp_counts=tuple(counts),
         )
 
 
