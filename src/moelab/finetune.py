@@ -73,6 +73,19 @@ def parse_trainable(spec: str, total_experts: int | None = None) -> Trainable:
     return Trainable(spec, "router+experts", ids)
 
 
+def zero_refusal(spec: Trainable, total_experts: int, ep_size: int) -> int | None:
+    """The first EP rank left without a trainable expert, which ZeRO 1/2 refuses; else None.
+
+    DeepSpeed's ZeRO stage 1/2 optimizer asserts that an MoE model has a non-empty MoE
+    parameter group on every rank (`_configure_moe_settings`, then `bit16_groups[i][0]`).
+    """
+    local = total_experts // ep_size
+    for rank in range(ep_size):
+        if not any(spec.expert(e) for e in range(rank * local, (rank + 1) * local)):
+            return rank
+    return None
+
+
 def resolve_init(path: str) -> tuple[Path, str]:
     """(directory DeepSpeed loads from, tag) of `train.init_from`; ValueError if none there."""
     p = Path(path).expanduser()
