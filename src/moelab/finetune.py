@@ -170,12 +170,23 @@ def load_init(ds_engine: Any, init_from: str | None) -> None:
     if not init_from:
         return
     load_dir, tag = resolve_init(init_from)
-    path, _ = ds_engine.load_checkpoint(
-        str(load_dir),
-        tag=tag,
-        load_module_only=True,
-        load_optimizer_states=False,
-        load_lr_scheduler_states=False,
-    )
+    # DeepSpeed restores *frozen* parameters from the checkpoint's record of frozen ones (a
+    # ZeRO checkpoint keeps one, empty when nothing was frozen): the weights of a run that
+    # froze nothing would be missing (KeyError). Loaded as trainable, they come from the
+    # module state like every other weight; the flags are restored afterwards.
+    frozen = [p for p in ds_engine.module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        path, _ = ds_engine.load_checkpoint(
+            str(load_dir),
+            tag=tag,
+            load_module_only=True,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     if path is None:
         raise RuntimeError(f"could not load train.init_from={init_from} ({load_dir}/{tag}).")
