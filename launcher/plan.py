@@ -37,7 +37,7 @@ def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
     """DeepSpeed's groups: EP groups are consecutive rank blocks, expert-DP groups strided."""
     world = cfg.world_size
     ep = cfg.ep_size
-    n_exp = cfg.model.moe.num_experts if cfg.model.is_moe else 0
+    n_exp = cfg.model.moe.total_experts if cfg.model.is_moe else 0
     local = n_exp // ep if ep else 0
     return {
         "world_size": world,
@@ -107,6 +107,7 @@ def build_plan(cfg: MoelabConfig) -> dict[str, Any]:
         "ep_layout": ep_layout(cfg),
         **memory_plan(cfg, sizes),
         "inference": inference_view(cfg.model, sizes, device, cfg.data.seq_len, cfg.ep_size),
+        "granularity": granularity_split(cfg, params.total, params.active),
     }
 
 
@@ -199,7 +200,51 @@ def format_inference(plan: dict[str, Any]) -> list[str]:
     ]
 
 
-SECTIONS = (format_params, format_layout, format_memory, format_inference)
+def granularity_split(cfg: MoelabConfig, total: int, active: int) -> dict[str, Any] | None:
+    """Fine-grained experts against the unsplit model (G = 1): sizes and parameter deltas."""
+    import dataclasses
+
+    from moelab.models.sizing import count_params
+
+    m = cfg.model
+    if not m.is_moe or m.moe.granularity == 1:
+        return None
+    base = count_params(dataclasses.replace(m, moe=dataclasses.replace(m.moe, granularity=1)))
+    router = m.d_model * m.moe.num_experts * (m.moe.granularity - 1) * len(m.moe_layer_indices())
+    return {
+        "granularity": m.moe.granularity,
+        "experts": [m.moe.num_experts, m.moe.total_experts],
+        "top_k": [m.moe.top_k, m.moe.active_experts],
+        "expert_hidden": [m.base_expert_hidden, m.expert_hidden],
+        "rounded": m.expert_hidden * m.moe.granularity != m.base_expert_hidden,
+        "router_params_added": router,
+        "delta_total": total - base.total,
+        "delta_active": active - base.active,
+        "rounding_delta_total": total - base.total - router,
+        "rounding_delta_active": active - base.active - router,
+    }
+
+
+def format_granularity(plan: dict[str, Any]) -> list[str]:
+    split = plan["granularity"]
+    if split is None:
+        return []
+    (e0, e1), (k0, k1), (h0, h1) = split["experts"], split["top_k"], split["expert_hidden"]
+    lines = [
+        f"  granularity {split['granularity']}: experts {e0} -> {e1}, top_k {k0} -> {k1}, "
+        f"expert hidden {h0} -> {h1}{' (rounded)' if split['rounded'] else ''}",
+        f"    vs granularity 1: total {split['delta_total']:+,}   active {split['delta_active']:+,}"
+        f"   (router {split['router_params_added']:+,})",
+    ]
+    if split["rounded"]:
+        lines.append(
+            f"    rounding the hidden size changed experts by {split['rounding_delta_total']:+,} "
+            f"total, {split['rounding_delta_active']:+,} active"
+        )
+    return lines
+
+
+SECTIONS = (format_params, format_granularity, format_layout, format_memory, format_inference)
 
 
 def format_text(plan: dict[str, Any]) -> str:

@@ -9,6 +9,9 @@ import argparse
 import statistics
 from typing import Any
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
 from moelab.config import MoelabConfig
 
 COLUMNS = ("variant", "params", "active", "train loss", "eval loss", "tokens/s", "wall s")
@@ -56,6 +59,52 @@ def format_table(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> s
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def mean_load_cv(run: Any) -> float:
+    """Mean over MoE layers of the last logged `moe/layer_{i}/load_cv`."""
+    cvs = [v for k, v in run.data.metrics.items() if k.endswith("/load_cv")]
+    return statistics.fmean(cvs) if cvs else float("nan")
+
+
+def knob_row(client: Any, run: Any, keys: list[str]) -> list[str]:
+    """The swept values, then the metrics a MoE knob sweep compares."""
+    m, p = run.data.metrics, run.data.params
+    return [p.get(k, "?") for k in keys] + [
+        f"{int(run.data.tags.get('params_total', 0)):,}",
+        f"{int(run.data.tags.get('params_active', 0)):,}",
+        f"{mean_load_cv(run):.3f}",
+        f"{m.get('moe/dead_experts', float('nan')):.0f}",
+        f"{m.get('train/z_loss', float('nan')):.2f}",
+        f"{m.get('train/lm_loss', float('nan')):.3f}",
+        f"{m.get('eval/loss', float('nan')):.3f}",
+        f"{steady_tokens_per_s(client, run.info.run_id):,.0f}",
+    ]
+
+
+KNOB_COLUMNS = ("params", "active", "load cv", "dead", "z-loss", "train lm", "eval loss", "tok/s")
+
+
+class KnobTableCallback(Callback):
+    """After a sweep, one row per finished job: the swept `keys` beside load CV and eval loss.
+
+    Registered by an experiment (`hydra.callbacks`), after the MLflow sweep callback.
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = list(keys)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from launcher import sweep
+        from launcher.tracking import mlflow_client
+
+        rows = []
+        for job in sweep.outcomes():
+            if job.run_id and job.uri and not job.failed:
+                client = mlflow_client(job.uri)
+                rows.append(knob_row(client, client.get_run(job.run_id), self.keys))
+        if rows:
+            print(format_table(rows, (*self.keys, *KNOB_COLUMNS)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -109,6 +109,26 @@ def validate_moe(m: ModelConfig) -> None:
         f"model.n_layers={m.n_layers}.",
     )
     _require(m.expert_hidden > 0, "model.moe.expert_mlp_ratio gives empty experts; raise it.")
+    _require(e.z_loss_coeff >= 0, "model.moe.z_loss_coeff must be 0 or more.")
+    validate_granularity(m)
+
+
+def validate_granularity(m: ModelConfig) -> None:
+    e = m.moe
+    g, base = e.granularity, m.base_expert_hidden
+    _at_least("model.moe.granularity", g, 1)
+    _at_least("model.moe.granularity_round", e.granularity_round, 0)
+    _require(
+        g == 1 or m.ffn != "pr_moe",
+        f"model.moe.granularity={g} does not work with model.ffn=pr_moe (DeepSpeed's residual "
+        "MLP is a copy of one expert and would shrink too); use model.ffn=moe or arctic.",
+    )
+    _require(
+        base % g == 0 or e.granularity_round > 0,
+        f"model.moe.granularity={g} does not divide the expert hidden size {base}; set "
+        f"model.moe.granularity_round=128 (or another multiple) to round {base / g:.1f}, or "
+        "pick a granularity that divides it.",
+    )
 
 
 def validate_parallel(cfg: MoelabConfig) -> None:
@@ -124,9 +144,11 @@ def validate_parallel(cfg: MoelabConfig) -> None:
         f"zero=stage3 does not work with model.ffn={m.ffn}: DeepSpeed's native MoE "
         "supports ZeRO stages 0-2; use zero=stage2.",
     )
+    g, total = m.moe.granularity, m.moe.total_experts
+    split = f" x model.moe.granularity={g} = {total}" if g > 1 else ""
     _require(
-        m.moe.num_experts % ep == 0,
-        f"parallel.ep_size={ep} does not divide model.moe.num_experts={m.moe.num_experts}; "
+        total % ep == 0,
+        f"parallel.ep_size={ep} does not divide model.moe.num_experts={m.moe.num_experts}{split}; "
         "pick an ep_size that divides the expert count.",
     )
     _require(
@@ -169,6 +191,35 @@ def validate_reliability(t: TrainConfig) -> None:
     _require(
         t.stop_after <= t.steps,
         f"train.stop_after={t.stop_after} is past train.steps={t.steps}; use 0 or a step in range.",
+    )
+
+
+def validate_finetune(cfg: MoelabConfig) -> None:
+    """train.trainable and train.init_from (checkpoint present, same model shape)."""
+    from moelab import finetune
+
+    t, m = cfg.train, cfg.model
+    try:
+        spec = finetune.parse_trainable(t.trainable, m.moe.total_experts if m.is_moe else None)
+        source = finetune.source_model(t.init_from) if t.init_from else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _require(
+        spec.mode == "all" or m.is_moe,
+        f"train.trainable={t.trainable} needs an MoE model (model.ffn={m.ffn}); use all.",
+    )
+    rank = finetune.zero_refusal(spec, m.moe.total_experts, cfg.ep_size) if m.is_moe else None
+    _require(
+        cfg.zero.stage == 0 or rank is None,
+        f"train.trainable={t.trainable} leaves EP rank {rank} without a trainable expert, which "
+        f"DeepSpeed's ZeRO stage {cfg.zero.stage} MoE optimizer refuses; use zero=stage0 or "
+        "train at least one expert per EP rank (router+experts:<ids>).",
+    )
+    mismatch = finetune.shape_mismatch(source, m) if source is not None else None
+    _require(
+        mismatch is None,
+        f"train.init_from={t.init_from} was trained with another model shape ({mismatch}); "
+        "fine-tune with the same model preset and shape.",
     )
 
 
@@ -348,6 +399,7 @@ def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:
     )
     validate_parallel(cfg)
     validate_train(cfg)
+    validate_finetune(cfg)
     validate_data(cfg)
     validate_cluster(cfg, planning)
     validate_tracking(cfg)

@@ -31,7 +31,7 @@ class MoEConfig:
     num_experts: int = 8
     """Experts per MoE layer (global count, across all EP ranks)."""
     top_k: int = 2
-    """Experts each token is routed to (DeepSpeed's MoE layer takes 1 or 2)."""
+    """Experts each token is routed to, before granularity (1 or 2)."""
     capacity_factor: float = 1.25
     """Expert capacity during training, as a multiple of tokens*top_k/num_experts."""
     eval_capacity_factor: float = 2.0
@@ -54,6 +54,22 @@ class MoEConfig:
     """Expert SwiGLU size: the fused gate+up projection is d_model -> ratio*d_model."""
     expert_hidden_size: int | None = None
     """Expert intermediate size per SwiGLU branch; overrides expert_mlp_ratio."""
+    granularity: int = 1
+    """Split every expert into G: hidden / G, num_experts x G, top_k x G (same expert params)."""
+    granularity_round: int = 0
+    """Round the split hidden size to a multiple of this (0 = G must divide the hidden size)."""
+    z_loss_coeff: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of the logits, summed over layers)."""
+
+    @property
+    def total_experts(self) -> int:
+        """Experts per MoE layer after granularity (what DeepSpeed's layer holds)."""
+        return self.num_experts * self.granularity
+
+    @property
+    def active_experts(self) -> int:
+        """Experts per token after granularity (DeepSpeed's k; k > 2 runs `topkgating`)."""
+        return self.top_k * self.granularity
 
 
 @dataclass
@@ -120,9 +136,19 @@ class ModelConfig:
         return self.mlp_hidden_size or int(self.mlp_ratio * self.d_model) // 2
 
     @property
-    def expert_hidden(self) -> int:
-        """Expert SwiGLU intermediate size per branch."""
+    def base_expert_hidden(self) -> int:
+        """Expert SwiGLU intermediate size per branch before the granularity split."""
         return self.moe.expert_hidden_size or int(self.moe.expert_mlp_ratio * self.d_model) // 2
+
+    @property
+    def expert_hidden(self) -> int:
+        """Expert SwiGLU intermediate size per branch: the base size / granularity (rounded)."""
+        g, m = self.moe.granularity, self.moe.granularity_round
+        if g <= 1:
+            return self.base_expert_hidden
+        if m > 0:  # nearest multiple of m, at least m
+            return max(m, (self.base_expert_hidden + g * m // 2) // (g * m) * m)
+        return self.base_expert_hidden // g
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` (0-based) carries an MoE FFN."""
@@ -234,6 +260,10 @@ class TrainConfig:
     """Skip an update whose loss or gradient is NaN/inf (counted) instead of stopping the run."""
     inject_nonfinite_step: int = 0
     """Fault injection: make this step's loss NaN on every rank (0 = off; tests the guard)."""
+    init_from: str | None = None
+    """Start from these trained weights: a run dir, its checkpoints/ dir or a global_step dir."""
+    trainable: str = "all"
+    """What trains: all, router, router+experts:<ids> (e.g. router+experts:0,3) or dense_only."""
 
 
 @dataclass

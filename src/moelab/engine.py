@@ -159,12 +159,14 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     """deepspeed.initialize with optimizer and scheduler from ds_config.
 
     The ds_config optimizer gets MoE parameter groups automatically; expert-parallel and
-    expert-data-parallel groups (`ep_size_{N}`) are created here.
+    expert-data-parallel groups (`ep_size_{N}`) are created here. Frozen parameters
+    (requires_grad False) are left out of the optimizer: they get no optimizer state.
     """
     import deepspeed
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config
+        model=model, model_parameters=trainable, config=ds_config
     )
     return engine
 

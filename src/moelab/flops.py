@@ -47,8 +47,8 @@ def _layer_matmul_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
     if not cfg.is_moe_layer(layer_idx):
         parts["dense_ffn"] = _swiglu_params(d, cfg.mlp_hidden)
         return parts
-    parts["experts"] = moe.top_k * _swiglu_params(d, cfg.expert_hidden)
-    parts["router"] = d * moe.num_experts
+    parts["experts"] = moe.active_experts * _swiglu_params(d, cfg.expert_hidden)
+    parts["router"] = d * moe.total_experts
     if cfg.ffn == "arctic":
         parts["dense_ffn"] = _swiglu_params(d, cfg.mlp_hidden)
     if cfg.ffn == "pr_moe":

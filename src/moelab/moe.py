@@ -4,6 +4,7 @@
 process groups, expert parameter groups and expert checkpoint shards) and fixes two things:
 experts start independent (seeded by their global id, whatever ep_size), and top-2's Gumbel
 sampling of the second expert (and top-1's random token selection) only happen in training.
+Its gate is `RouterGate`, DeepSpeed's `TopKGate` that also returns the router z-loss.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from deepspeed.moe.sharded_moe import (
     SECOND_ALLTOALL_TIMER,
     TOPK_GATE_TIMER,
     TopKGate,
+    multiplicative_jitter,
+    top1gating,
+    top2gating,
+    topkgating,
 )
 from torch import nn
 
@@ -39,16 +44,101 @@ def expert_seed(seed: int, layer_idx: int, global_expert: int) -> int:
     return ((seed * _SEED_MIX + layer_idx) * _SEED_MIX + global_expert) % (2**63)
 
 
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; logits (tokens, E)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class RouterGate(TopKGate):
+    """DeepSpeed's `TopKGate` computing its logits once and keeping their z-loss (`z_loss`).
+
+    Same weights (`wg`), options and gating functions (top1/top2/topkgating) as `TopKGate`;
+    only the forward is restated so the logits it gates on are also the z-loss's.
+    """
+
+    z_loss: torch.Tensor | None = None
+
+    @classmethod
+    def like(cls, gate: TopKGate) -> RouterGate:
+        """A RouterGate with `gate`'s weights and options (the router Linear is shared)."""
+        with torch.device("meta"):  # no init draw: the RNG stream stays as without it
+            new = cls(gate.wg.in_features, gate.wg.out_features, gate.k)
+        for key, value in vars(gate).items():
+            if not key.startswith("_") and key != "training":
+                setattr(new, key, value)
+        new.wg = gate.wg
+        return new
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        used_token: torch.Tensor | None = None,
+        sparse_routes: bool = False,
+        use_tutel: bool = False,
+    ) -> Any:
+        if self.wall_clock_breakdown:
+            self.timers(TOPK_GATE_TIMER).start()
+        x = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            x = multiplicative_jitter(x, device=input.device)
+        logits = torch.nn.functional.linear(x, weight=self.wg.weight.float())  # (tokens, E)
+        # A copy: top2gating adds its Gumbel noise to `logits` in place.
+        self.z_loss = router_z_loss(logits.clone())
+        cap = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            noise = self.noisy_gate_policy if self.training else None
+            out = top1gating(
+                logits,
+                cap,
+                self.min_capacity,
+                used_token,
+                noise,
+                self.drop_tokens,
+                self.use_rts,
+                self.ep_group,
+                sparse_routes,
+                use_tutel,
+            )
+        elif self.k == 2:
+            out = top2gating(
+                logits,
+                cap,
+                self.min_capacity,
+                self.drop_tokens,
+                self.ep_group,
+                self.top2_2nd_expert_sampling,
+                sparse_routes,
+            )
+        else:
+            out = topkgating(
+                logits,
+                self.k,
+                cap,
+                self.min_capacity,
+                self.drop_tokens,
+                self.ep_group,
+                sparse_routes=sparse_routes,
+            )
+        if self.wall_clock_breakdown:
+            self.timers(TOPK_GATE_TIMER).stop()
+            self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
+        return out
+
+
 def build_deepspeed_moe(
     d_model: int, expert: nn.Module, moe_cfg: MoEConfig, ep_size: int, use_residual: bool
 ) -> MoE:
-    """DeepSpeed's MoE layer with every knob of `MoEConfig` (no process group is created)."""
-    return MoE(
+    """DeepSpeed's MoE layer with every knob of `MoEConfig` (no process group is created).
+
+    Granularity is already in `expert` (hidden / G); here the layer gets E x G experts and
+    routes each token to k x G of them (DeepSpeed's `topkgating` serves k > 2).
+    """
+    moe = MoE(
         hidden_size=d_model,
         expert=expert,
-        num_experts=moe_cfg.num_experts,
+        num_experts=moe_cfg.total_experts,
         ep_size=ep_size,
-        k=moe_cfg.top_k,
+        k=moe_cfg.active_experts,
         capacity_factor=moe_cfg.capacity_factor,
         eval_capacity_factor=moe_cfg.eval_capacity_factor,
         min_capacity=moe_cfg.min_capacity,
@@ -58,6 +148,8 @@ def build_deepspeed_moe(
         use_rts=moe_cfg.use_rts,
         top2_2nd_expert_sampling=moe_cfg.top2_2nd_expert_sampling,
     )
+    moe.deepspeed_moe.gate = RouterGate.like(moe.deepspeed_moe.gate)
+    return moe
 
 
 class MoEFFN(nn.Module):
@@ -87,7 +179,7 @@ class MoEFFN(nn.Module):
         self.train(self.training)
 
     @property
-    def gate(self) -> TopKGate:
+    def gate(self) -> RouterGate:
         return self.layer.deepspeed_moe.gate
 
     @property
@@ -129,6 +221,13 @@ class MoEFFN(nn.Module):
         return out, l_aux, exp_counts
 
 
+def moe_ffns(model: nn.Module) -> Iterator[MoEFFN]:
+    """Every `MoEFFN` of `model`, in order."""
+    for module in model.modules():
+        if isinstance(module, MoEFFN):
+            yield module
+
+
 def iter_moe_layers(model: nn.Module) -> Iterator[tuple[int, MoE]]:
     """(block index, DeepSpeed MoE module) for every MoE layer of `model`, in order."""
     for module in model.modules():
@@ -139,12 +238,6 @@ def iter_moe_layers(model: nn.Module) -> Iterator[tuple[int, MoE]]:
 def moe_gates(model: nn.Module) -> dict[int, TopKGate]:
     """Block index -> that layer's `TopKGate` (`.deepspeed_moe.gate`)."""
     return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}
-
-
-def _moe_ffns(model: nn.Module) -> Iterator[MoEFFN]:
-    for module in model.modules():
-        if isinstance(module, MoEFFN):
-            yield module
 
 
 class _BackwardA2A:
@@ -189,7 +282,7 @@ def enable_moe_timers(model: nn.Module) -> None:
     Also routes DeepSpeed's all-to-all through `_TimedAllToAll` so the backward
     all-to-alls, which the forward timers never see, are timed too (process-wide).
     """
-    for ffn in _moe_ffns(model):
+    for ffn in moe_ffns(model):
         ffn.timing = True
         ffn.train(ffn.training)
     sharded_moe._AllToAll = _TimedAllToAll
@@ -197,7 +290,7 @@ def enable_moe_timers(model: nn.Module) -> None:
 
 def disable_moe_timers(model: nn.Module) -> None:
     """Undo `enable_moe_timers` for `model`'s layers (the timed all-to-all stays installed)."""
-    for ffn in _moe_ffns(model):
+    for ffn in moe_ffns(model):
         ffn.timing = False
         ffn.train(ffn.training)
 
@@ -245,7 +338,7 @@ def register_router_hooks(
     tensor after the first all-to-all, (ep, local experts, capacity, d_model).
     """
     handles = []
-    for ffn in _moe_ffns(model):
+    for ffn in moe_ffns(model):
         idx, gate = ffn.layer_idx, ffn.gate
 
         def gate_hook(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moelab import data, engine
+from moelab import data, engine, finetune
 from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
 from moelab.guard import NonFiniteError, StepGuard
@@ -35,6 +35,7 @@ class Window:
     loss: float = 0.0
     lm_loss: float = 0.0
     aux_loss: float = 0.0
+    z_loss: float = 0.0
     micro_steps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -42,6 +43,7 @@ class Window:
         self.loss += float(out.loss.detach())
         self.lm_loss += float(out.lm_loss.detach())
         self.aux_loss += float(out.aux_loss.detach())
+        self.z_loss += float(out.z_loss.detach())
         self.micro_steps += 1
 
 
@@ -90,14 +92,15 @@ def window_metrics(w: Window, ds_engine: Any) -> dict[str, float]:
     if w.micro_steps == 0:  # every step of the window was skipped (alike on all ranks)
         return {"train/lr": ds_engine.get_lr()[0]}
     n = w.micro_steps
-    loss, lm, aux = engine.all_reduce_mean(
-        [w.loss / n, w.lm_loss / n, w.aux_loss / n], ds_engine.device
+    loss, lm, aux, z = engine.all_reduce_mean(
+        [w.loss / n, w.lm_loss / n, w.aux_loss / n, w.z_loss / n], ds_engine.device
     )
     grad_norm = ds_engine.get_global_grad_norm()
     metrics = {
         "train/loss": loss,
         "train/lm_loss": lm,
         "train/aux_loss": aux,
+        "train/z_loss": z,
         "train/lr": ds_engine.get_lr()[0],
     }
     if grad_norm is not None:
@@ -130,15 +133,19 @@ def run(cfg: MoelabConfig) -> None:
     dsets, _ = data.load_prepared(cfg.data)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
+    tuning = finetune.freeze(model, finetune.parse_trainable(t.trainable), info.ep_size)
     run_dir = Path(cfg.run_dir)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     ds_engine = engine.initialize(model, ds_config)
     engine.expert_ranks_check(info)
     sink = make_sink(info.is_rank0, run_dir)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
+    sink.set_tags(tuning.tags())
     tel = Telemetry(cfg, info, ds_engine.module, sink)
     ckpt = Checkpointer(cfg, info.world_size, info.ep_size, info.rank)
     state = ckpt.load(ds_engine) or {"step": 0, "data": {"epoch": 0, "consumed": 0}}
+    if state["step"] == 0:  # a resumed run keeps its own weights
+        finetune.load_init(ds_engine, t.init_from)
     loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state)
     tel.close()
     sink.close()

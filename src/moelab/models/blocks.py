@@ -36,8 +36,8 @@ def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
         layer = TorchMoE(
             cfg.d_model,
             lambda: SwiGLU(cfg.d_model, cfg.expert_hidden),
-            cfg.moe_num_experts,
-            cfg.moe_top_k,
+            cfg.moe_num_experts * cfg.moe_granularity,
+            cfg.moe_top_k * cfg.moe_granularity,
             cfg.moe_eval_capacity_factor,
             cfg.moe_min_capacity,
             cfg.moe_drop_tokens,

@@ -67,6 +67,9 @@ class MoelabLMConfig(PretrainedConfig):
     moe_aux_loss_coeff: float = 0.01
     moe_expert_mlp_ratio: float = 8.0
     moe_expert_hidden_size: int | None = None
+    moe_granularity: int = 1
+    moe_granularity_round: int = 0
+    moe_z_loss_coeff: float = 0.0
     ep_size: int = 1
     moe_impl: str = "deepspeed"
     """deepspeed: DeepSpeed's MoE layer (training); torch: pure-torch dispatch (inference)."""
@@ -95,7 +98,12 @@ class MoelabLMConfig(PretrainedConfig):
 
     @property
     def expert_hidden(self) -> int:
-        return self.moe_expert_hidden_size or int(self.moe_expert_mlp_ratio * self.d_model) // 2
+        """`ModelConfig.expert_hidden`: the base size split by granularity (rounded)."""
+        base = self.moe_expert_hidden_size or int(self.moe_expert_mlp_ratio * self.d_model) // 2
+        g, m = self.moe_granularity, self.moe_granularity_round
+        if g <= 1:
+            return base
+        return max(m, (base + g * m // 2) // (g * m) * m) if m > 0 else base // g
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.is_moe and (layer_idx + 1) % self.moe_moe_layer_frequency == 0

@@ -21,11 +21,13 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MoelabCausalLMOutput(ModelOutput):
-    """`loss = lm_loss + aux_loss_coeff * aux_loss`; `aux_loss` sums l_aux over MoE layers."""
+    """`loss = lm_loss + aux_loss_coeff * aux_loss + z_loss_coeff * z_loss`; `aux_loss` sums
+    l_aux and `z_loss` the router z-loss over MoE layers."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     exp_counts: tuple[torch.Tensor, ...] | None = None
 
@@ -111,14 +113,30 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"sequence of {input_ids.shape[-1]} > max_seq_len")
         h, aux, counts = self.model(input_ids)
         logits = self.lm_head(h)  # (B, T, V)
-        aux_loss = torch.stack(aux).sum() if aux else logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux).sum() if aux else zero
+        z_sum = router_z_loss_sum(self.model)
+        z_loss = z_sum if z_sum is not None else zero
         lm_loss = loss = None
         if labels is not None:
             lm_loss = shifted_cross_entropy(logits, labels)
             loss = lm_loss + self.config.moe_aux_loss_coeff * aux_loss
+            if self.config.moe_z_loss_coeff:
+                loss = loss + self.config.moe_z_loss_coeff * z_loss
         return MoelabCausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, exp_counts=tuple(counts)
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            exp_counts=tuple(counts),
         )
+
+
+def router_z_loss_sum(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the z-loss each router kept from its last forward (None: no router keeps one)."""
+    losses = [z for m in model.modules() if (z := getattr(m, "z_loss", None)) is not None]
+    return torch.stack(losses).sum() if losses else None
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

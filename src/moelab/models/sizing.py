@@ -19,7 +19,7 @@ _PARTS = ("embedding", "lm_head", "attention", "dense_ffn", "experts", "router",
 class ParamCount:
     """Total and per-token active parameters, with a breakdown that sums to `total`.
 
-    `active` is `total` minus the (num_experts - top_k) experts a token does not use in
+    `active` is `total` minus the (total_experts - active_experts) experts a token does not use in
     each MoE layer; embedding and router count as active. `other` holds what no other
     part claims (PR-MoE's mixing coefficient).
     """
@@ -58,7 +58,7 @@ def _inactive_expert_params(model: nn.Module, cfg: ModelConfig) -> int:
     unused = 0
     for _, moe in iter_moe_layers(model):
         layer = sum(p.numel() for p in moe.deepspeed_moe.experts.parameters())
-        unused += (cfg.moe.num_experts - cfg.moe.top_k) * layer // moe.num_local_experts
+        unused += (cfg.moe.total_experts - cfg.moe.active_experts) * layer // moe.num_local_experts
     return unused
 
 

@@ -54,9 +54,9 @@ class MoeTelemetry:
     ) -> None:
         self.model = model
         self.layers = [idx for idx, _ in moe_layers.iter_moe_layers(model)]
-        self.num_experts = cfg.num_experts
+        self.num_experts = cfg.total_experts
         self.ep_size = ep_size
-        self.cap = capacity(tokens_per_forward, cfg.num_experts, cfg.top_k, cfg)
+        self.cap = capacity(tokens_per_forward, cfg.total_experts, cfg.active_experts, cfg)
         self.drop_tokens = cfg.drop_tokens
         self.pos = {idx: i for i, idx in enumerate(self.layers)}
         moe_layers.enable_moe_timers(model)

@@ -1,0 +1,192 @@
+"""Fine-tuning: start from a trained run's weights and train only part of the model.
+
+`train.init_from` names a run dir, its `checkpoints/` dir or one `global_step<N>/` dir;
+DeepSpeed loads the module only (non-expert file and every expert shard, by global expert
+id) and refreshes ZeRO's fp32 copies. `train.trainable` picks what trains:
+
+    all                     everything (plain continued training)
+    router                  the MoE routers (`gate.wg`) only
+    router+experts:<ids>    the routers and experts <ids> (global ids, e.g. 0,3) of every layer
+    dense_only              everything but the routers and the experts
+
+Frozen parameters get `requires_grad=False` before `deepspeed.initialize`, which leaves
+them out of the optimizer (no optimizer state). Path and spec checks are torch-free so the
+launcher runs them before any process starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moelab.checkpoint import CKPT_DIR
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moelab.config import ModelConfig
+
+MODES = ("all", "router", "router+experts:<ids>", "dense_only")
+_EXPERTS = re.compile(r"^router\+experts:(\d+(,\d+)*)$")
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What trains, parsed from `train.trainable`."""
+
+    spec: str
+    """As written in the config, e.g. router+experts:0,3."""
+    mode: str
+    """all, router, router+experts or dense_only."""
+    expert_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def router(self) -> bool:
+        return self.mode in ("all", "router", "router+experts")
+
+    @property
+    def dense(self) -> bool:
+        return self.mode in ("all", "dense_only")
+
+    def expert(self, global_id: int) -> bool:
+        return self.mode == "all" or global_id in self.expert_ids
+
+
+def parse_trainable(spec: str, total_experts: int | None = None) -> Trainable:
+    """Parse `train.trainable`; ValueError (one sentence) if it is not one of MODES."""
+    if spec in ("all", "router", "dense_only"):
+        return Trainable(spec, spec)
+    match = _EXPERTS.match(spec)
+    if match is None:
+        raise ValueError(
+            f"train.trainable={spec!r} is not valid; use one of: {', '.join(MODES)} "
+            "(e.g. router+experts:0,3)."
+        )
+    ids = frozenset(int(i) for i in match.group(1).split(","))
+    if total_experts is not None and max(ids) >= total_experts:
+        raise ValueError(
+            f"train.trainable={spec!r} names expert {max(ids)}, but MoE layers hold "
+            f"{total_experts} experts (ids 0-{total_experts - 1}); name existing experts."
+        )
+    return Trainable(spec, "router+experts", ids)
+
+
+def zero_refusal(spec: Trainable, total_experts: int, ep_size: int) -> int | None:
+    """The first EP rank left without a trainable expert, which ZeRO 1/2 refuses; else None.
+
+    DeepSpeed's ZeRO stage 1/2 optimizer asserts that an MoE model has a non-empty MoE
+    parameter group on every rank (`_configure_moe_settings`, then `bit16_groups[i][0]`).
+    """
+    local = total_experts // ep_size
+    for rank in range(ep_size):
+        if not any(spec.expert(e) for e in range(rank * local, (rank + 1) * local)):
+            return rank
+    return None
+
+
+def resolve_init(path: str) -> tuple[Path, str]:
+    """(directory DeepSpeed loads from, tag) of `train.init_from`; ValueError if none there."""
+    p = Path(path).expanduser()
+    if (p / CKPT_DIR).is_dir():
+        p = p / CKPT_DIR
+    if (p / "latest").is_file():
+        return p, (p / "latest").read_text().strip()
+    if p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")):
+        return p.parent, p.name
+    raise ValueError(
+        f"train.init_from={path} holds no checkpoint (no checkpoints/latest, latest, or "
+        "*model_states.pt); point it at a run dir, its checkpoints/ dir or a global_step<N>/ dir."
+    )
+
+
+def source_model(path: str) -> ModelConfig | None:
+    """The model config of the run `train.init_from` belongs to (None if not found)."""
+    from moelab.config import load_config
+
+    load_dir, _ = resolve_init(path)
+    run_config = load_dir.parent / "config.yaml"
+    return load_config(run_config).model if run_config.is_file() else None
+
+
+SHAPE_KEYS = (
+    *("ffn", "d_model", "n_layers", "n_heads", "kv_heads", "padded_vocab_size"),
+    *("mlp_hidden", "expert_hidden", "norm", "norm_affine", "tie_embeddings"),
+)
+
+
+def shape_mismatch(src: ModelConfig, dst: ModelConfig) -> str | None:
+    """The first shape-defining key on which two model configs differ, as `key=a vs b`."""
+    pairs = [(k, getattr(src, k), getattr(dst, k)) for k in SHAPE_KEYS]
+    if src.is_moe and dst.is_moe:
+        pairs += [("moe.num_experts x granularity", src.moe.total_experts, dst.moe.total_experts)]
+        pairs += [("moe_layers", src.moe_layer_indices(), dst.moe_layer_indices())]
+    return next((f"{k}={a} vs {b}" for k, a, b in pairs if a != b), None)
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    """Parameters that train and that are frozen, over the whole model (all EP ranks)."""
+
+    mode: str
+    trainable: int
+    frozen: int
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "finetune.trainable": self.mode,
+            "finetune.trainable_params": str(self.trainable),
+            "finetune.frozen_params": str(self.frozen),
+        }
+
+
+def freeze(model: nn.Module, spec: Trainable, ep_size: int = 1) -> FreezeSummary:
+    """Set requires_grad by `spec`; counts are global (experts of the other EP ranks too)."""
+    from moelab.moe import moe_ffns
+
+    model.requires_grad_(spec.dense)
+    ffns = list(moe_ffns(model))
+    for ffn in ffns:
+        ffn.gate.wg.requires_grad_(spec.router)
+        for local, expert in enumerate(ffn.local_experts):
+            expert.requires_grad_(spec.expert(ffn.global_expert_id(local)))
+    expert_params = {id(p) for ffn in ffns for p in ffn.local_experts.parameters()}
+    counts = {True: 0, False: 0}
+    for p in model.parameters():  # tied weights are listed once
+        if id(p) not in expert_params:
+            counts[p.requires_grad] += p.numel()
+    for ffn in ffns:  # this rank holds 1/ep_size of each layer's experts
+        per_expert = sum(p.numel() for p in ffn.local_experts[0].parameters())
+        n_experts = ffn.layer.num_local_experts * ep_size
+        n_train = sum(spec.expert(e) for e in range(n_experts))
+        counts[True] += n_train * per_expert
+        counts[False] += (n_experts - n_train) * per_expert
+    return FreezeSummary(spec.spec, counts[True], counts[False])
+
+
+def load_init(ds_engine: Any, init_from: str | None) -> None:
+    """Load the module weights of `init_from` into the engine (no optimizer, no scheduler)."""
+    if not init_from:
+        return
+    load_dir, tag = resolve_init(init_from)
+    # DeepSpeed restores *frozen* parameters from the checkpoint's record of frozen ones (a
+    # ZeRO checkpoint keeps one, empty when nothing was frozen): the weights of a run that
+    # froze nothing would be missing (KeyError). Loaded as trainable, they come from the
+    # module state like every other weight; the flags are restored afterwards.
+    frozen = [p for p in ds_engine.module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        path, _ = ds_engine.load_checkpoint(
+            str(load_dir),
+            tag=tag,
+            load_module_only=True,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    if path is None:
+        raise RuntimeError(f"could not load train.init_from={init_from} ({load_dir}/{tag}).")
