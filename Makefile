@@ -38,6 +38,13 @@ demo: $(STAMP)
 	$(VENV)/bin/moelab-launch -m experiment=demo
 	$(VENV)/bin/moelab-report --experiment demo
 
+# CPU benchmarks (docs/benchmarks.md): tables on stdout, records in benchmarks/results/*.jsonl.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) benchmarks/launch_bench.py
+	$(PY) benchmarks/moe_layer.py --quick
+	$(PY) benchmarks/telemetry_overhead.py --steps 20 --rounds 3
+
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 

@@ -1,0 +1,455 @@
+"""Real `moelab-launch` runs (and the plain DeepSpeed baseline), alternated A B C A B C.
+
+Sections (each a table and one JSONL record in benchmarks/results/):
+  variants  seed_cpu_{dense,moe,hybrid} on 2 ranks, ep_size 2: tokens/s and the measured
+            MoE/dense and hybrid/dense ratios beside the FLOPs-predicted and the seed report's;
+            moe top-1 vs top-2 and moe_layer_frequency 1 vs 2            -> variants.jsonl
+  overhead  moelab-launch vs benchmarks/baseline/train_plain.py (same model, data, ds_config):
+            time to first step and steady step time                     -> overhead.jsonl
+  scaling   1 vs 2 ranks, ep_size 1 vs 2, step time vs num_experts at top-2 -> scaling.jsonl
+
+Step times come from wall-clock marks of the logged steps (moelab: the MLflow spool's
+timestamps of rank 0's metric records; baseline: its printed marks), so both sides are
+measured the same way; time to first step counts from the command's start.
+
+    PYTHONPATH=src:. DS_ACCELERATOR=cpu .venv/bin/python benchmarks/launch_bench.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    BENCH_DIR,
+    REPO,
+    RESULTS_DIR,
+    append_jsonl,
+    format_table,
+    free_port,
+    machine,
+    median_ratio,
+    record,
+    schedule,
+    steady_and_first,
+    verdict,
+)
+
+BIN = Path(sys.executable).parent
+SEQ_LEN = 256  # the seed's 2048 / 8, like d_model
+SEED_RATIOS = {"moe": 1.9, "hybrid": 1.5}
+FIRST_STEP_SLACK_S = 2.0
+STEADY_SLACK = 0.03
+MIN_OF_PREDICTED = 0.8
+CACHE = os.environ.get("MOELAB_CACHE", str(REPO / ".cache" / "moelab"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launch configuration: moelab overrides (or the plain baseline) and its ranks."""
+
+    name: str
+    overrides: tuple[str, ...]
+    ranks: int = 2
+    baseline: bool = False
+    sections: tuple[str, ...] = ()
+
+
+MOE = ("model=seed_cpu_moe", "parallel.ep_size=2")
+CASES = [
+    Case("dense", ("model=seed_cpu_dense",), sections=("variants",)),
+    Case("moe", MOE, sections=("variants", "overhead", "scaling")),
+    Case("hybrid", ("model=seed_cpu_hybrid", "parallel.ep_size=2"), sections=("variants",)),
+    Case("moe_top1", (*MOE, "model.moe.top_k=1"), sections=("variants",)),
+    Case("moe_freq2", (*MOE, "model.moe.moe_layer_frequency=2"), sections=("variants",)),
+    Case("baseline", MOE, baseline=True, sections=("overhead",)),
+    Case("moe_ep1", ("model=seed_cpu_moe", "parallel.ep_size=1"), sections=("scaling",)),
+    Case("moe_1rank", ("model=seed_cpu_moe", "parallel.ep_size=1"), 1, sections=("scaling",)),
+    Case("moe_e2", (*MOE, "model.moe.num_experts=2"), sections=("scaling",)),
+    Case("moe_e12", (*MOE, "model.moe.num_experts=12"), sections=("scaling",)),
+    Case("moe_e24", (*MOE, "model.moe.num_experts=24"), sections=("scaling",)),
+]
+
+
+@dataclass
+class Measure:
+    """One launch: steady seconds per step, seconds to the end of step 1, tokens per step."""
+
+    steady_s: float
+    first_step_s: float
+    total_s: float
+    tokens_per_step: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.steady_s
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    results: dict[str, list[Measure]] = field(default_factory=dict)
+
+    def common(self, case: Case) -> list[str]:
+        a = self.args
+        return [
+            *case.overrides,
+            f"data.seq_len={SEQ_LEN}",
+            f"data.cache_dir={CACHE}",
+            f"train.steps={a.steps}",
+            f"train.micro_batch_size={a.micro_batch_size}",
+            f"train.log_every={a.log_every}",
+            "train.warmup_steps=2",
+            "train.eval_every=0",
+            "train.eval_batches=1",
+            "train.progress=false",
+            f"cluster.nproc_per_node={case.ranks}",
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.update(
+            PATH=f"{BIN}:{env.get('PATH', '')}",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            TORCH_EXTENSIONS_DIR=env.get(
+                "TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")
+            ),
+        )
+        return env
+
+    def run(self, case: Case, tag: str) -> Measure:
+        return self.run_baseline(case, tag) if case.baseline else self.run_moelab(case, tag)
+
+    def run_moelab(self, case: Case, tag: str) -> Measure:
+        root = self.work / "runs" / tag
+        cmd = [
+            sys.executable,
+            "-m",
+            "launcher",
+            *self.common(case),
+            f"tracking.uri=sqlite:///{self.work}/mlflow.db",
+            f"launch.runs_root={root}",
+        ]
+        start = time.time()
+        out = subprocess.run(cmd, cwd=self.work, env=self.env(), capture_output=True, text=True)
+        total = time.time() - start
+        if out.returncode != 0:
+            raise RuntimeError(f"{case.name} failed:\n{out.stdout[-3000:]}{out.stderr[-2000:]}")
+        (spool,) = root.glob("*/*/mlflow_spool.jsonl")
+        marks, extra = spool_marks(spool)
+        steady, first = steady_and_first(marks, start, self.args.log_every)
+        tokens = self.args.micro_batch_size * SEQ_LEN * case.ranks
+        return Measure(steady, first, total, tokens, extra)
+
+    def run_baseline(self, case: Case, tag: str) -> Measure:
+        model_json, blocks = baseline_inputs(self.common(case), self.work)
+        a = self.args
+        cmd = [
+            "deepspeed",
+            f"--num_gpus={case.ranks}",
+            f"--master_port={free_port()}",
+            "--no_local_rank",
+            str(BENCH_DIR / "baseline" / "train_plain.py"),
+            f"--model-json={model_json}",
+            f"--blocks={blocks}",
+            "--ep-size=2",
+            f"--micro-batch-size={a.micro_batch_size}",
+            f"--steps={a.steps}",
+            f"--log-every={a.log_every}",
+        ]
+        env = self.env() | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // case.ranks))}
+        start = time.time()
+        out = subprocess.run(cmd, cwd=self.work, env=env, capture_output=True, text=True)
+        total = time.time() - start
+        if out.returncode != 0:
+            raise RuntimeError(f"baseline failed:\n{out.stdout[-3000:]}{out.stderr[-2000:]}")
+        marks = {}
+        for line in out.stdout.splitlines():
+            if "BENCH_MARK " in line:
+                mark = json.loads(line.split("BENCH_MARK ", 1)[1])
+                marks[int(mark["step"])] = float(mark["ts"])
+        steady, first = steady_and_first(marks, start, a.log_every)
+        tokens = a.micro_batch_size * SEQ_LEN * case.ranks
+        return Measure(steady, first, total, tokens)
+
+
+def spool_marks(spool: Path) -> tuple[dict[int, float], dict[str, float]]:
+    """Logged step -> unix time of rank 0's metric record; medians of a few perf metrics."""
+    marks: dict[int, float] = {}
+    seen: dict[str, list[float]] = {}
+    for line in spool.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") != "metrics" or "perf/step_time_s" not in rec["metrics"]:
+            continue
+        marks.setdefault(int(rec["step"]), rec["ts"] / 1000.0)
+        if marks and int(rec["step"]) != min(marks):  # the first window holds step 1
+            for key in ("perf/tokens_per_s", "moe/a2a_fraction", "perf/mfu"):
+                if key in rec["metrics"]:
+                    seen.setdefault(key, []).append(float(rec["metrics"][key]))
+    return marks, {k: statistics.median(v) for k, v in seen.items()}
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def compose(overrides: list[str]) -> Any:
+    from launcher.compose import compose_config, to_schema
+
+    return to_schema(compose_config(overrides))
+
+
+def baseline_inputs(overrides: list[str], work: Path) -> tuple[Path, Path]:
+    """The model config as JSON and the cached blocks directory, for the plain script."""
+    from moelab.data import blocks_dir
+
+    cfg = compose(overrides)
+    path = work / f"model-{cfg.model.name}.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg.model)))
+    return path, blocks_dir(cfg.data)
+
+
+def prepare(work: Path, overrides: list[str]) -> None:
+    """Tokenized blocks and the MLflow store exist before anything is timed."""
+    from moelab.data import prepare_data
+
+    prepare_data(compose(overrides).data)
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{work}/mlflow.db").search_experiments()
+
+
+def predicted_ratio(num: str, den: str, steps: int) -> float:
+    """Throughput ratio num/den predicted by training FLOPs per token (den's / num's)."""
+    from moelab.flops import flops_per_token
+
+    def flops(name: str) -> int:
+        case = next(c for c in CASES if c.name == name)
+        cfg = compose([*case.overrides, f"data.seq_len={SEQ_LEN}", f"train.steps={steps}"])
+        return flops_per_token(cfg.model, SEQ_LEN).training
+
+    return flops(den) / flops(num)
+
+
+def tps(r: dict[str, list[Measure]], name: str) -> list[float]:
+    return [m.tokens_per_s for m in r[name]]
+
+
+def steady(r: dict[str, list[Measure]], name: str) -> list[float]:
+    return [m.steady_s for m in r[name]]
+
+
+def variants_section(r: dict[str, list[Measure]], steps: int) -> tuple[str, dict[str, Any]]:
+    rows, out = [], {}
+    pairs = [
+        ("moe", "dense", SEED_RATIOS["moe"]),
+        ("hybrid", "dense", SEED_RATIOS["hybrid"]),
+        ("moe_top1", "moe", None),
+        ("moe_freq2", "moe", None),
+    ]
+    for num, den, seed in pairs:
+        if num not in r or den not in r:
+            continue
+        measured = median_ratio(tps(r, num), tps(r, den))
+        predicted = predicted_ratio(num, den, steps)
+        share = measured / predicted
+        rows.append(
+            [
+                f"{num}/{den}",
+                statistics.median(tps(r, num)),
+                statistics.median(tps(r, den)),
+                measured,
+                predicted,
+                share,
+                seed if seed else "-",
+                verdict(share, MIN_OF_PREDICTED),
+            ]
+        )
+        out[f"{num}/{den}"] = {
+            "measured": measured,
+            "predicted": predicted,
+            "of_predicted": share,
+            "seed": seed,
+            "num_tokens_per_s": tps(r, num),
+            "den_tokens_per_s": tps(r, den),
+        }
+    names = [n for n in ("dense", "moe", "hybrid", "moe_top1", "moe_freq2") if n in r]
+    extra = {n: [m.extra for m in r[n]] for n in names}
+    tel_rows = [
+        [n, statistics.median(tps(r, n))]
+        + [
+            _median_extra(r[n], key)
+            for key in ("perf/tokens_per_s", "perf/mfu", "moe/a2a_fraction")
+        ]
+        for n in names
+    ]
+    tel = format_table(
+        ["variant", "tok/s (wall)", "tok/s (telemetry)", "MFU", "a2a fraction"], tel_rows
+    )
+    head = [
+        "ratio",
+        "tok/s num",
+        "tok/s den",
+        "measured",
+        "FLOPs-predicted",
+        "measured/pred",
+        "seed report",
+        "target >= 0.8",
+    ]
+    table = format_table(head, rows) + "\n\n" + tel
+    return table, {"ratios": out, "telemetry": extra}
+
+
+def _median_extra(ms: list[Measure], key: str) -> float:
+    values = [m.extra[key] for m in ms if key in m.extra]
+    return statistics.median(values) if values else float("nan")
+
+
+def overhead_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
+    m, b = r["moe"], r["baseline"]
+    steady_ratio = median_ratio(steady(r, "moe"), steady(r, "baseline"))
+    first_delta = statistics.median(
+        x.first_step_s - y.first_step_s for x, y in zip(m, b, strict=True)
+    )
+    total_delta = statistics.median(x.total_s - y.total_s for x, y in zip(m, b, strict=True))
+    rows = [
+        [
+            "steady step time (s)",
+            statistics.median(steady(r, "moe")),
+            statistics.median(steady(r, "baseline")),
+            f"x{steady_ratio:.3f}",
+            verdict(steady_ratio, 1 + STEADY_SLACK, higher_is_better=False),
+        ],
+        [
+            "time to first step (s)",
+            statistics.median(x.first_step_s for x in m),
+            statistics.median(x.first_step_s for x in b),
+            f"{first_delta:+.2f} s",
+            verdict(first_delta, FIRST_STEP_SLACK_S, higher_is_better=False),
+        ],
+        [
+            "whole command (s)",
+            statistics.median(x.total_s for x in m),
+            statistics.median(x.total_s for x in b),
+            f"{total_delta:+.2f} s",
+            "-",
+        ],
+    ]
+    table = format_table(["", "moelab-launch", "plain DeepSpeed", "difference", "target"], rows)
+    return table, {
+        "steady_ratio": steady_ratio,
+        "first_step_delta_s": first_delta,
+        "total_delta_s": total_delta,
+        "moelab": [dataclasses.asdict(x) for x in m],
+        "baseline": [dataclasses.asdict(x) for x in b],
+    }
+
+
+def scaling_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
+    rows, out = [], {}
+    comparisons = [
+        ("2 ranks vs 1 (ep 1), tokens/s", "moe_ep1", "moe_1rank", tps),
+        ("ep_size 2 vs 1 (2 ranks), tokens/s", "moe", "moe_ep1", tps),
+        ("2 experts vs 6, step time", "moe_e2", "moe", steady),
+        ("12 experts vs 6, step time", "moe_e12", "moe", steady),
+        ("24 experts vs 6, step time", "moe_e24", "moe", steady),
+    ]
+    for label, num, den, metric in comparisons:
+        ratio = median_ratio(metric(r, num), metric(r, den))
+        rows.append(
+            [label, statistics.median(metric(r, num)), statistics.median(metric(r, den)), ratio]
+        )
+        out[f"{num}/{den}"] = {"ratio": ratio, "num": metric(r, num), "den": metric(r, den)}
+    return format_table(["comparison", "A", "B", "A/B"], rows), out
+
+
+SECTIONS = {"variants": variants_section, "overhead": overhead_section, "scaling": scaling_section}
+
+
+def use_gpu_presets() -> None:
+    """benchmarks/gpu.sh: the seed report's real shapes, bf16, one GPU (ep_size 1)."""
+    global SEQ_LEN, CASES
+    SEQ_LEN = 2048
+    gpu = ("cluster.gpus_per_node=1", "parallel.ep_size=1", "train.precision=bf16")
+    moe = ("model=seed_600m_moe", *gpu)
+    CASES = [
+        Case("dense", ("model=seed_600m_dense", *gpu), 1, sections=("variants",)),
+        Case("moe", moe, 1, sections=("variants",)),
+        Case("hybrid", ("model=seed_600m_hybrid", *gpu), 1, sections=("variants",)),
+        Case("moe_top1", (*moe, "model.moe.top_k=1"), 1, sections=("variants",)),
+        Case("moe_freq2", (*moe, "model.moe.moe_layer_frequency=2"), 1, sections=("variants",)),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=2, help="A B C ... rounds (ratios per round)")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per launch")
+    p.add_argument("--log-every", type=int, default=4, help="steps between step-time marks")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--sections", default="variants,overhead,scaling")
+    p.add_argument("--cases", default="", help="only these cases (comma list; subsampling)")
+    p.add_argument("--gpu", action="store_true", help="seed_600m presets, bf16, 1 GPU (variants)")
+    args = p.parse_args()
+    if args.gpu:
+        use_gpu_presets()
+        args.sections = "variants"
+    sections = [s for s in args.sections.split(",") if s]
+    cases = [c for c in CASES if set(c.sections) & set(sections)]
+    if args.cases:
+        cases = [c for c in cases if c.name in args.cases.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="moelab-bench-"))
+    bench = Bench(args, work)
+    prepare(work, [*cases[0].overrides, f"data.seq_len={SEQ_LEN}", f"data.cache_dir={CACHE}"])
+    env = machine(gpu_name() if args.gpu else "cpu")
+    plan = schedule([c.name for c in cases], args.rounds)
+    by_name = {c.name: c for c in cases}
+    for i, (rnd, name) in enumerate(plan, 1):
+        m = bench.run(by_name[name], f"r{rnd}-{name}")
+        bench.results.setdefault(name, []).append(m)
+        print(
+            f"[{i}/{len(plan)}] round {rnd} {name:10s} {m.tokens_per_s:9.0f} tok/s  "
+            f"steady {m.steady_s:.3f} s  first step {m.first_step_s:.1f} s  "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    settings = {
+        "cases": [c.name for c in cases],
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "log_every": args.log_every,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": SEQ_LEN,
+    }
+    for name in sections:
+        table, result = (
+            SECTIONS[name](bench.results)
+            if name != "variants"
+            else variants_section(bench.results, args.steps)
+        )
+        print(f"\n## {name}\n{table}")
+        append_jsonl(
+            RESULTS_DIR / f"{name}{'_gpu' if args.gpu else ''}.jsonl",
+            record(name, {"settings": settings, "table": table, **result}, env),
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""MoE layer cost: DeepSpeed's MoE layer (through moelab.moe.MoEFFN) forward+backward against a
+dense SwiGLU MLP with the same active FLOPs (hidden = top_k x expert hidden), one process.
+
+Grid: tokens per step x experts x top-1/top-2 x drop_tokens on/off; per cell the two are timed
+alternately (A B A B) and the time ratio is the median of the per-pair ratios. Peak memory is
+the growth of the process's resident memory (RSS, sampled every 0.5 ms) during one fwd+bwd
+(torch's CPU tensors are not seen by tracemalloc; large ones are their own mmaps, which RSS
+follows); gradients from the previous pass are dropped first.
+Where the time ratio exceeds 1.3 the MoE pass is profiled once more with labelled phases
+(gate, dispatch = _sparse_encode, experts, combine = _sparse_decode; one process has no
+all-to-all) and the top operators by self time are kept.
+
+    PYTHONPATH=src:. DS_ACCELERATOR=cpu .venv/bin/python benchmarks/moe_layer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from benchlib import RESULTS_DIR, append_jsonl, format_table, machine, median_ratio, record
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from moelab import moe as moelab_moe
+from moelab.config import MoEConfig
+from moelab.models.layers import SwiGLU
+
+D_MODEL, EXPERT_HIDDEN = 256, 512
+DEVICE, DTYPE = torch.device("cpu"), torch.float32
+PROFILE_ABOVE = 1.3
+
+
+def init_single_process() -> None:
+    """A world of one: drop_tokens=False all-reduces the capacity over the world."""
+    import deepspeed
+    from benchlib import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def build(experts: int, top_k: int, drop: bool) -> tuple[nn.Module, nn.Module]:
+    cfg = MoEConfig(num_experts=experts, top_k=top_k, drop_tokens=drop)
+    torch.manual_seed(0)
+    moe = moelab_moe.MoEFFN(D_MODEL, SwiGLU(D_MODEL, EXPERT_HIDDEN), cfg, layer_idx=0).train()
+    dense = SwiGLU(D_MODEL, top_k * EXPERT_HIDDEN).train()
+    return moe.to(DEVICE, DTYPE), dense.to(DEVICE, DTYPE)
+
+
+def moe_step(moe: nn.Module, x: torch.Tensor) -> None:
+    moe.zero_grad(set_to_none=True)
+    out, l_aux, _ = moe(x)
+    (out.float().pow(2).mean() + l_aux).backward()
+
+
+def dense_step(dense: nn.Module, x: torch.Tensor) -> None:
+    dense.zero_grad(set_to_none=True)
+    dense(x).float().pow(2).mean().backward()
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak resident-memory growth during `fn`: RSS sampled every 0.5 ms by a thread, minus
+    the RSS before (large tensors are their own mmaps, so RSS follows them); on a GPU,
+    torch.cuda's peak allocated bytes above what was allocated before."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - before
+    import threading
+
+    import psutil
+
+    proc, done, peak = psutil.Process(), threading.Event(), [0]
+    gc.collect()
+    before = proc.memory_info().rss
+
+    def sample() -> None:
+        while not done.wait(0.0005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    fn()
+    done.set()
+    thread.join()
+    return max(peak[0], proc.memory_info().rss) - before
+
+
+@contextmanager
+def labelled_phases(moe: nn.Module) -> Iterator[None]:
+    """record_function ranges around the gate, dispatch, experts and combine (forward)."""
+    sm = moelab_moe.sharded_moe
+    encode, decode = sm._sparse_encode, sm._sparse_decode
+
+    def wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def inner(*a: Any, **k: Any) -> Any:
+            with record_function(label):
+                return fn(*a, **k)
+
+        return inner
+
+    layer = moe.layer.deepspeed_moe
+    originals = {"gate": layer.gate.forward, "experts": layer.experts.forward}
+    layer.gate.forward = wrap(originals["gate"], "phase:gate")
+    layer.experts.forward = wrap(originals["experts"], "phase:experts")
+    sm._sparse_encode, sm._sparse_decode = (
+        wrap(encode, "phase:dispatch"),
+        wrap(decode, "phase:combine"),
+    )
+    try:
+        yield
+    finally:
+        sm._sparse_encode, sm._sparse_decode = encode, decode
+        layer.gate.forward, layer.experts.forward = originals["gate"], originals["experts"]
+
+
+def where_time_goes(moe: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Forward phases (ms), backward (ms) and the top operators of one profiled MoE fwd+bwd."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with labelled_phases(moe), profile(activities=acts) as prof:
+        with record_function("phase:forward"):
+            out, l_aux, _ = moe(x)
+            loss = out.float().pow(2).mean() + l_aux
+        with record_function("phase:backward"):
+            loss.backward()
+    totals = {
+        e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key.startswith("phase:")
+    }
+    phases = {k.split(":", 1)[1]: round(v, 2) for k, v in totals.items()}
+    phases["all_to_all"] = 0.0  # one process: ep_size 1, no all-to-all runs
+    ops = sorted(
+        (e for e in prof.key_averages() if not e.key.startswith("phase:")),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    top = [[e.key, round(e.self_cpu_time_total / 1e3, 2)] for e in ops[:6]]
+    return {"phases_ms": phases, "top_ops_self_ms": top}
+
+
+def cell(tokens: int, experts: int, top_k: int, drop: bool, reps: int) -> dict[str, Any]:
+    moe, dense = build(experts, top_k, drop)
+    x = torch.randn(1, tokens, D_MODEL, device=DEVICE, dtype=DTYPE, requires_grad=True)  # (B,T,D)
+    run_moe, run_dense = (lambda: moe_step(moe, x)), (lambda: dense_step(dense, x))
+    run_moe(), run_dense()  # warm-up
+    t_moe, t_dense = [], []
+    for _ in range(reps):
+        t_moe.append(timed(run_moe))
+        t_dense.append(timed(run_dense))
+    ratio = median_ratio(t_moe, t_dense)
+    mem_moe, mem_dense = peak_bytes(run_moe), peak_bytes(run_dense)
+    out: dict[str, Any] = {
+        "tokens": tokens,
+        "experts": experts,
+        "top_k": top_k,
+        "drop_tokens": drop,
+        "moe_s": t_moe,
+        "dense_s": t_dense,
+        "time_ratio": ratio,
+        "moe_peak_mb": mem_moe / 2**20,
+        "dense_peak_mb": mem_dense / 2**20,
+        "mem_ratio": mem_moe / mem_dense if mem_dense else float("nan"),
+    }
+    if ratio > PROFILE_ABOVE:
+        out["profile"] = where_time_goes(moe, x)
+    return out
+
+
+def profile_line(p: dict[str, Any]) -> str:
+    ph = p["phases_ms"]
+    fwd = ph.get("forward", 0.0) or 1.0
+    parts = ", ".join(
+        f"{k} {100 * ph.get(k, 0.0) / fwd:.0f}%" for k in ("gate", "dispatch", "experts", "combine")
+    )
+    ops = ", ".join(f"{name} {ms:.0f} ms" for name, ms in p["top_ops_self_ms"][:3])
+    fwd_ms, bwd_ms = ph.get("forward", 0.0), ph.get("backward", 0.0)
+    return f"fwd {fwd_ms:.0f} ms ({parts}; a2a 0), bwd {bwd_ms:.0f} ms; top ops: {ops}"
+
+
+def main() -> None:
+    global DEVICE, DTYPE, D_MODEL, EXPERT_HIDDEN
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", default="1024,4096,16384")
+    p.add_argument("--experts", default="8,32,64")
+    p.add_argument("--reps", type=int, default=3, help="A B pairs per cell")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="16k tokens only at top-2 with drop_tokens on (subsampled grid)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--d-model", type=int, default=D_MODEL)
+    p.add_argument("--expert-hidden", type=int, default=EXPERT_HIDDEN)
+    args = p.parse_args()
+    DEVICE = torch.device(args.device)
+    DTYPE = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    D_MODEL, EXPERT_HIDDEN = args.d_model, args.expert_hidden
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    init_single_process()
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    env = machine(device) | {"threads": torch.get_num_threads(), "dtype": args.dtype}
+    rows, cells = [], []
+    grid = [
+        (t, e, k, d)
+        for t in map(int, args.tokens.split(","))
+        for e in map(int, args.experts.split(","))
+        for k in (1, 2)
+        for d in (True, False)
+        if not (args.quick and t >= 16384 and (k, d) != (2, True))
+    ]
+    for i, (t, e, k, d) in enumerate(grid, 1):
+        c = cell(t, e, k, d, args.reps)
+        cells.append(c)
+        prof = profile_line(c["profile"]) if "profile" in c else ""
+        rows.append(
+            [
+                t,
+                e,
+                k,
+                "on" if d else "off",
+                statistics.median(c["moe_s"]) * 1e3,
+                statistics.median(c["dense_s"]) * 1e3,
+                c["time_ratio"],
+                c["mem_ratio"],
+                prof,
+            ]
+        )
+        print(
+            f"[{i}/{len(grid)}] tokens {t} experts {e} top-{k} drop {d}: "
+            f"time x{c['time_ratio']:.2f} memory x{c['mem_ratio']:.2f} "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    head = [
+        "tokens",
+        "experts",
+        "top_k",
+        "drop",
+        "MoE ms",
+        "dense ms",
+        "time ratio",
+        "peak mem ratio",
+        "where MoE time goes (ratio > 1.3)",
+    ]
+    table = format_table(head, rows)
+    print(table)
+    settings = {
+        "d_model": D_MODEL,
+        "expert_hidden": EXPERT_HIDDEN,
+        "reps": args.reps,
+        "capacity_factor": MoEConfig().capacity_factor,
+        "quick": args.quick,
+        "memory": "torch.cuda max_memory_allocated above the start"
+        if DEVICE.type == "cuda"
+        else "RSS growth during one fwd+bwd (psutil, sampled every 0.5 ms), grads freed first",
+    }
+    append_jsonl(
+        RESULTS_DIR / ("moe_layer_gpu.jsonl" if DEVICE.type == "cuda" else "moe_layer.jsonl"),
+        record("moe_layer", {"settings": settings, "table": table, "cells": cells}, env),
+    )
+
+
+if __name__ == "__main__":
+    main()
