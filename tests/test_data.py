@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,9 +97,8 @@ def test_bpe_is_trained_cached_and_round_trips(
 ) -> None:
     tok_file = prepared.tokenizer_dir / "tokenizer.json"
     mtime = tok_file.stat().st_mtime_ns
-    start = time.perf_counter()
     tok = data.get_tokenizer(iambic_cfg)
-    assert time.perf_counter() - start < 5.0 and tok_file.stat().st_mtime_ns == mtime
+    assert tok_file.stat().st_mtime_ns == mtime  # loaded, not trained again
     assert len(tok) == SMALL_VOCAB == prepared.vocab_size
     assert tok.eos_token == data.EOS_TOKEN and tok.eos_token_id is not None
     for s in ["To be, or not to be:", "  two spaces\n\tand tabs  ", "Æsop naïve — 😀", ""]:
@@ -165,9 +163,7 @@ def test_second_prepare_loads_the_cache(
     assert not prepared.from_cache or prepared.path.exists()
     arrow = sorted(prepared.path.rglob("*.arrow"))
     mtimes = [p.stat().st_mtime_ns for p in arrow]
-    start = time.perf_counter()
     again = data.prepare_data(iambic_cfg)
-    assert time.perf_counter() - start < 5.0
     assert again.from_cache and again.path == prepared.path
     assert [p.stat().st_mtime_ns for p in arrow] == mtimes
     assert again.num_train_blocks == prepared.num_train_blocks

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import functools
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,12 +103,9 @@ def test_hybrid_adds_one_expert_sized_dense_mlp_per_layer() -> None:
     assert hybrid.total - moe.total == hybrid.dense_ffn
 
 
-def test_arctic_480b_sizing_is_fast_and_sane() -> None:
+def test_arctic_480b_sizing_on_the_meta_device() -> None:
     cfg = compose_model("arctic_480b")
-    start = time.perf_counter()
-    count = count_params(cfg)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 30
+    count = count_params(cfg)  # the time it takes is benchmarked by moelab-plan, not here
     assert abs(count.total - 480e9) / 480e9 < 0.02
     assert 14e9 < count.active < 18e9
     assert count.lm_head == count.embedding == 32000 * 7168  # untied
