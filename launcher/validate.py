@@ -109,7 +109,7 @@ def validate_moe(m: ModelConfig) -> None:
         f"model.n_layers={m.n_layers}.",
     )
     _require(m.expert_hidden > 0, "model.moe.expert_mlp_ratio gives empty experts; raise it.")
-    _require(e.z_loss_coeff >= 0, "model.moe.z_loss_coeff must be 0 or more.")
+    _require(e.z_loss_coeff >= 0, f"model.moe.z_loss_coeff={e.z_loss_coeff} must be 0 or more.")
     validate_granularity(m)
 
 

@@ -77,6 +77,9 @@ BAD = [
     (["train.inject_nonfinite_step=-1"], "train.inject_nonfinite_step=-1 must be at least 0"),
     (["cluster.gpus_per_node=0"], "cluster.gpus_per_node=0 must be at least 1 (or null)"),
     (["cluster.device_memory_gb=0"], "cluster.device_memory_gb=0.0 must be positive"),
+    (["model=tiny_moe_top2", "model.moe.z_loss_coeff=-1"], "z_loss_coeff=-1.0 must be 0 or more"),
+    (["model=tiny_moe_top2", "model.moe.granularity=0"], "model.moe.granularity=0 must be at"),
+    (["model=tiny_dense", "train.trainable=router"], "train.trainable=router needs an MoE model"),
 ]
 
 
