@@ -211,9 +211,9 @@ def validate_finetune(cfg: MoelabConfig) -> None:
     rank = finetune.zero_refusal(spec, m.moe.total_experts, cfg.ep_size) if m.is_moe else None
     _require(
         cfg.zero.stage == 0 or rank is None,
-        f"train.trainable={t.trainable} leaves EP rank {rank} without a trainable expert, which "
-        f"DeepSpeed's ZeRO stage {cfg.zero.stage} MoE optimizer refuses; use zero=stage0 or "
-        "train at least one expert per EP rank (router+experts:<ids>).",
+        f"train.trainable={t.trainable} leaves EP rank {rank} without a trainable expert while "
+        f"other EP ranks train theirs, which DeepSpeed's ZeRO stage {cfg.zero.stage} MoE "
+        "optimizer cannot run; name at least one expert per EP rank, or use zero=stage0.",
     )
     mismatch = finetune.shape_mismatch(source, m) if source is not None else None
     _require(

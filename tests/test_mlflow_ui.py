@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import run_launcher, wait_healthy
+from helpers import free_port, run_launcher, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
 VARIANTS = ["tiny_dense", "tiny_moe_top1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:

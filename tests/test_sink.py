@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import launcher_env, wait_healthy
+from helpers import free_port, launcher_env, wait_healthy
 from launcher import sync
 from moelab.telemetry.sink import MLflowSink
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MAX_CALL_S = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

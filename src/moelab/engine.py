@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -165,10 +165,49 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config
-    )
+    hide = ds_config["zero_optimization"]["stage"] in (1, 2) and experts_all_frozen(model)
+    with zero_optimizer_without_moe() if hide else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=ds_config
+        )
     return engine
+
+
+def experts_all_frozen(model: torch.nn.Module) -> bool:
+    """True for an MoE model none of whose local expert parameters train."""
+    from moelab.moe import moe_ffns
+
+    ffns = list(moe_ffns(model))
+    return bool(ffns) and not any(
+        p.requires_grad for ffn in ffns for p in ffn.local_experts.parameters()
+    )
+
+
+@contextlib.contextmanager
+def zero_optimizer_without_moe() -> Iterator[None]:
+    """Build the ZeRO 1/2 optimizer as for a dense model (all experts frozen).
+
+    DeepSpeed's ZeRO 1/2 optimizer asserts a non-empty MoE parameter group whenever the
+    model has MoE layers. With every expert frozen there is nothing to put in one: the
+    trainable parameters are all data-parallel, which is what the dense optimizer reduces.
+    The engine keeps `has_moe_layers` for everything else (expert checkpoint files, groups).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._configure_zero_optimizer
+
+    def dense(self: Any, optimizer: Any) -> Any:
+        self.has_moe_layers = False
+        try:
+            return original(self, optimizer)
+        finally:
+            self.has_moe_layers = True
+
+    DeepSpeedEngine._configure_zero_optimizer = dense
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_zero_optimizer = original
 
 
 def expert_ranks_check(info: DistInfo) -> None:

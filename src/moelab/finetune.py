@@ -74,16 +74,17 @@ def parse_trainable(spec: str, total_experts: int | None = None) -> Trainable:
 
 
 def zero_refusal(spec: Trainable, total_experts: int, ep_size: int) -> int | None:
-    """The first EP rank left without a trainable expert, which ZeRO 1/2 refuses; else None.
+    """The first EP rank left without a trainable expert while another has one; else None.
 
-    DeepSpeed's ZeRO stage 1/2 optimizer asserts that an MoE model has a non-empty MoE
-    parameter group on every rank (`_configure_moe_settings`, then `bit16_groups[i][0]`).
+    DeepSpeed's ZeRO stage 1/2 optimizer needs a non-empty MoE parameter group on a rank
+    with MoE layers, and its gradient-norm collectives run once per group, so every rank
+    must hold the same kind of groups. With no expert trainable anywhere (router,
+    dense_only) moelab builds the optimizer as for a dense model (`engine.initialize`).
     """
     local = total_experts // ep_size
-    for rank in range(ep_size):
-        if not any(spec.expert(e) for e in range(rank * local, (rank + 1) * local)):
-            return rank
-    return None
+    owned = [range(r * local, (r + 1) * local) for r in range(ep_size)]
+    bare = [r for r, ids in enumerate(owned) if not any(spec.expert(e) for e in ids)]
+    return bare[0] if bare and len(bare) < ep_size else None
 
 
 def resolve_init(path: str) -> tuple[Path, str]:
