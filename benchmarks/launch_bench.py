@@ -75,7 +75,6 @@ CASES = [
     Case("baseline", MOE, baseline=True, sections=("overhead",)),
     Case("moe_ep1", ("model=seed_cpu_moe", "parallel.ep_size=1"), sections=("scaling",)),
     Case("moe_1rank", ("model=seed_cpu_moe", "parallel.ep_size=1"), 1, sections=("scaling",)),
-    Case("moe_e2", (*MOE, "model.moe.num_experts=2"), sections=("scaling",)),
     Case("moe_e12", (*MOE, "model.moe.num_experts=12"), sections=("scaling",)),
     Case("moe_e24", (*MOE, "model.moe.num_experts=24"), sections=("scaling",)),
 ]
@@ -366,7 +365,6 @@ def scaling_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
     comparisons = [
         ("2 ranks vs 1 (ep 1), tokens/s", "moe_ep1", "moe_1rank", tps),
         ("ep_size 2 vs 1 (2 ranks), tokens/s", "moe", "moe_ep1", tps),
-        ("2 experts vs 6, step time", "moe_e2", "moe", steady),
         ("12 experts vs 6, step time", "moe_e12", "moe", steady),
         ("24 experts vs 6, step time", "moe_e24", "moe", steady),
     ]
@@ -400,7 +398,7 @@ def use_gpu_presets() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=2, help="A B C ... rounds (ratios per round)")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per launch")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per launch")
     p.add_argument("--log-every", type=int, default=4, help="steps between step-time marks")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--sections", default="variants,overhead,scaling")

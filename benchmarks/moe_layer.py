@@ -3,9 +3,9 @@ dense SwiGLU MLP with the same active FLOPs (hidden = top_k x expert hidden), on
 
 Grid: tokens per step x experts x top-1/top-2 x drop_tokens on/off; per cell the two are timed
 alternately (A B A B) and the time ratio is the median of the per-pair ratios. Peak memory is
-the growth of the process's resident memory (RSS, sampled every 0.5 ms) during one fwd+bwd
-(torch's CPU tensors are not seen by tracemalloc; large ones are their own mmaps, which RSS
-follows); gradients from the previous pass are dropped first.
+the growth of the bytes malloc has in use (glibc's mallinfo2, read after every aten op of one
+fwd+bwd through a TorchDispatchMode; torch's CPU tensors are not seen by tracemalloc, and RSS
+does not fall when a tensor is freed); gradients from the previous pass are dropped first.
 Where the time ratio exceeds 1.3 the MoE pass is profiled once more with labelled phases
 (gate, dispatch = _sparse_encode, experts, combine = _sparse_decode; one process has no
 all-to-all) and the top operators by self time are kept.
@@ -16,6 +16,7 @@ all-to-all) and the top operators by self time are kept.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import statistics
@@ -28,6 +29,7 @@ import torch
 from benchlib import RESULTS_DIR, append_jsonl, format_table, machine, median_ratio, record
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moelab import moe as moelab_moe
 from moelab.config import MoEConfig
@@ -82,10 +84,44 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak resident-memory growth during `fn`: RSS sampled every 0.5 ms by a thread, minus
-    the RSS before (large tensors are their own mmaps, so RSS follows them); on a GPU,
-    torch.cuda's peak allocated bytes above what was allocated before."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+_LIBC = ctypes.CDLL(None)
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def malloc_in_use() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc >= 2.33): heap chunks in
+    use plus mmapped chunks. Unlike RSS it falls when torch frees a tensor."""
+    info = _LIBC.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class PeakAfterEachOp(TorchDispatchMode):
+    """After every aten op (forward and backward: CPU autograd runs on the calling thread),
+    note the bytes malloc has in use; the peak is exact at op granularity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, malloc_in_use())
+        return out
+
+
+def peak_bytes(fn: Callable[[], None], module: nn.Module, x: torch.Tensor) -> int:
+    """Peak growth of allocated memory during `fn` (one fwd+bwd of `module` on `x`) above the
+    weights alone, gradients included: on a GPU torch.cuda's peak allocated bytes; on the CPU
+    malloc's bytes in use after each op."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
     if DEVICE.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -93,24 +129,11 @@ def peak_bytes(fn: Callable[[], None]) -> int:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - before
-    import threading
-
-    import psutil
-
-    proc, done, peak = psutil.Process(), threading.Event(), [0]
     gc.collect()
-    before = proc.memory_info().rss
-
-    def sample() -> None:
-        while not done.wait(0.0005):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    fn()
-    done.set()
-    thread.join()
-    return max(peak[0], proc.memory_info().rss) - before
+    before = malloc_in_use()
+    with PeakAfterEachOp() as mode:
+        fn()
+    return max(mode.peak, malloc_in_use()) - before
 
 
 @contextmanager
@@ -174,7 +197,7 @@ def cell(tokens: int, experts: int, top_k: int, drop: bool, reps: int) -> dict[s
         t_moe.append(timed(run_moe))
         t_dense.append(timed(run_dense))
     ratio = median_ratio(t_moe, t_dense)
-    mem_moe, mem_dense = peak_bytes(run_moe), peak_bytes(run_dense)
+    mem_moe, mem_dense = peak_bytes(run_moe, moe, x), peak_bytes(run_dense, dense, x)
     out: dict[str, Any] = {
         "tokens": tokens,
         "experts": experts,

@@ -63,8 +63,12 @@ class RankWatch(threading.Thread):
 
     def run(self) -> None:
         seen: dict[int, Any] = {}
-        while not self.done.wait(0.2):
-            seen |= rank_processes(self.pid)
+        settled = False  # the deepspeed launcher starts a host's ranks together
+        while not self.done.wait(0.5):
+            if not settled:  # a scan reads every process of the host: stop once complete
+                found = rank_processes(self.pid)
+                settled = bool(found) and found.keys() == seen.keys()
+                seen |= found
             gone = [r for r, p in seen.items() if not p.is_running() or p.status() == "zombie"]
             if gone and len(gone) < len(seen):
                 proc = seen[gone[0]]

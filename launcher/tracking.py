@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -52,7 +53,9 @@ def run_tags(cfg: MoelabConfig) -> dict[str, str]:
     }
 
 
+@functools.cache
 def mlflow_client(uri: str) -> Any:
+    """One client per URI for the launcher's life (a SQLite store costs 1.3 s to open)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -429,7 +429,36 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_system_metrics(info: DistInfo, interval_s: float) -> Any:
+class SystemMetrics(threading.Thread):
+    """MLflow's SystemMetricsMonitor, built and started off the training thread.
+
+    Building it opens a tracking client (1.3 s for a SQLite store) and takes a first sample:
+    done inline, rank 0 would hold every other rank at the first collective that long.
+    """
+
+    def __init__(self, run_id: str, interval_s: float, node_id: str) -> None:
+        super().__init__(name="moelab-system-metrics", daemon=True)
+        self.run_id, self.interval_s, self.node_id = run_id, interval_s, node_id
+        self.monitor: Any = None
+
+    def run(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.interval_s,
+            node_id=self.node_id,
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+        )
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.join()
+        if self.monitor is not None:
+            self.monitor.finish()
+
+
+def start_system_metrics(info: DistInfo, interval_s: float) -> SystemMetrics | None:
     """MLflow system metrics from every node: local rank 0 samples its host.
 
     Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
@@ -438,14 +467,7 @@ def start_system_metrics(info: DistInfo, interval_s: float) -> Any:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if info.local_rank != 0 or not run_id:
         return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     node = os.environ.get("CROSS_RANK", "0")  # the deepspeed launcher's node index
-    monitor = SystemMetricsMonitor(
-        run_id,
-        sampling_interval=interval_s,
-        node_id=f"{socket.gethostname()}-node{node}",
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-    )
+    monitor = SystemMetrics(run_id, interval_s, f"{socket.gethostname()}-node{node}")
     monitor.start()
     return monitor
