@@ -226,6 +226,25 @@ def profile_line(p: dict[str, Any]) -> str:
     return f"fwd {fwd_ms:.0f} ms ({parts}; a2a 0), bwd {bwd_ms:.0f} ms; top ops: {ops}"
 
 
+def expert_scaling(cells: list[dict[str, Any]]) -> str:
+    """MoE time at each expert count relative to the fewest, per (tokens, top-k, drop): the
+    token count is fixed, so the expert FLOPs are too; growth is per-expert overhead."""
+    groups: dict[tuple[int, int, bool], dict[int, float]] = {}
+    for c in cells:
+        key = (c["tokens"], c["top_k"], c["drop_tokens"])
+        groups.setdefault(key, {})[c["experts"]] = statistics.median(c["moe_s"])
+    counts = sorted({c["experts"] for c in cells})
+    rows = []
+    for (tokens, k, drop), by_e in sorted(groups.items()):
+        if len(by_e) < 2:
+            continue
+        base = by_e[min(by_e)]
+        cols = [f"x{by_e[e] / base:.2f}" if e in by_e else "-" for e in counts]
+        rows.append([tokens, k, "on" if drop else "off", base * 1e3, *cols])
+    head = ["tokens", "top_k", "drop", f"ms at {counts[0]} experts", *(f"{e}" for e in counts)]
+    return format_table(head, rows)
+
+
 def main() -> None:
     global DEVICE, DTYPE, D_MODEL, EXPERT_HIDDEN
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -295,6 +314,8 @@ def main() -> None:
     ]
     table = format_table(head, rows)
     print(table)
+    experts_table = expert_scaling(cells)
+    print(f"\nMoE fwd+bwd time vs experts at fixed tokens and top-k:\n{experts_table}")
     settings = {
         "d_model": D_MODEL,
         "expert_hidden": EXPERT_HIDDEN,
@@ -303,11 +324,16 @@ def main() -> None:
         "quick": args.quick,
         "memory": "torch.cuda max_memory_allocated above the start"
         if DEVICE.type == "cuda"
-        else "RSS growth during one fwd+bwd (psutil, sampled every 0.5 ms), grads freed first",
+        else "malloc bytes in use (mallinfo2) after each aten op of one fwd+bwd, above the "
+        "weights (grads dropped first)",
     }
     append_jsonl(
         RESULTS_DIR / ("moe_layer_gpu.jsonl" if DEVICE.type == "cuda" else "moe_layer.jsonl"),
-        record("moe_layer", {"settings": settings, "table": table, "cells": cells}, env),
+        record(
+            "moe_layer",
+            {"settings": settings, "table": table, "experts_table": experts_table, "cells": cells},
+            env,
+        ),
     )
 
 

@@ -69,3 +69,35 @@ def test_record_appends_jsonl_with_machine(tmp_path: Path) -> None:
     assert [r["ratio"] for r in rows] == [1.5, 2.5]
     assert rows[0]["bench"] == "x" and rows[0]["time"].endswith("Z")
     assert json.loads(path.read_text().splitlines()[0])["git_commit"] == env["git_commit"]
+
+
+def test_layer_peak_memory_counts_freed_temporaries_and_gradients() -> None:
+    """The CPU peak is malloc's bytes in use after each op: a 32 MiB temporary freed before the
+    end still sets the peak, and gradients are counted from none."""
+    import torch
+    from moe_layer import peak_bytes
+
+    lin = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of weights, 4 MiB of gradient
+    x = torch.randn(8, 1024)
+
+    def step() -> None:
+        big = torch.ones(8 * 2**20)  # 32 MiB, freed at once
+        del big
+        lin(x).sum().backward()
+
+    peak = peak_bytes(step, lin, x)
+    assert 32 * 2**20 <= peak < 48 * 2**20, peak / 2**20
+    assert lin.weight.grad is not None
+    without = peak_bytes(lambda: lin(x).sum().backward(), lin, x)
+    assert 4 * 2**20 <= without < 8 * 2**20, without / 2**20
+
+
+def test_expert_scaling_table_is_relative_to_the_fewest_experts() -> None:
+    from moe_layer import expert_scaling
+
+    cells = [
+        {"tokens": 1024, "top_k": 2, "drop_tokens": True, "experts": e, "moe_s": [s]}
+        for e, s in ((8, 0.010), (32, 0.015), (64, 0.030))
+    ]
+    table = expert_scaling(cells)
+    assert "| 1024   | 2     | on   | 10" in table and "x1.50" in table and "x3.00" in table

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 from helpers import REPO
 from launcher.eval import main as eval_main
 from launcher.eval import parse_overrides
 from moelab.eval import downstream_metrics
+from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 
 def test_overrides_name_the_bad_key() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 from launcher.export import main as export_main
 from moelab.config import ModelConfig, MoEConfig
 from moelab.export import gather_state_dict, resolve_source
 from moelab.models import build_model
 from moelab.models.moe_torch import TopKRouter
+from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 LOAD_SCRIPT = """
 import sys, torch

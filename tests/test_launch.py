@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
+from conftest import VARIANTS, VariantSweep
 from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
 from moelab.models.sizing import count_params
@@ -36,24 +36,11 @@ def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> 
     assert not (tmp_path / "mlflow.db").exists()
 
 
-VARIANTS = ["tiny_dense", "tiny_moe_top1", "tiny_moe_top2", "tiny_arctic"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_two_rank_launch_logs_to_mlflow(variant: str, tmp_path: Path, shared_cache: Path) -> None:
-    launch(
-        tmp_path,
-        shared_cache,
-        f"model={variant}",
-        "zero=stage2",
-        "parallel=ep2",
-        "train=smoke",
-        "train.steps=16",
-        "train.log_every=2",
-    )
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("moelab").experiment_id])
+def test_two_rank_launch_logs_to_mlflow(variant: str, variant_sweep: VariantSweep) -> None:
+    """Each variant's 2-rank ZeRO-2 ep2 launch of the shared sweep (conftest.VARIANT_SWEEP)."""
+    client, run = variant_sweep.client, variant_sweep.run(variant)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["variant"] == variant and tags["zero_stage"] == "2"

@@ -15,28 +15,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import run_launcher
+from conftest import SWEEP_EXPERIMENT, VARIANTS, VariantSweep
 from launcher import report
 from launcher.report import collect, compare
 from launcher.report.collect import LOSS, RunData
 
-VARIANTS = ("tiny_dense", "tiny_moe_top1", "tiny_moe_top2", "tiny_arctic")
-EXPERIMENT = "report"
-# One rank per job (ep_size 1: the experts of a layer all live on that rank), a few steps,
-# a heatmap every 2 steps, no system-metrics thread.
-SWEEP = [
-    "-m",
-    f"model={','.join(VARIANTS)}",
-    "train=smoke",
-    "train.steps=4",
-    "train.log_every=1",
-    "train.eval_batches=1",
-    "cluster.nproc_per_node=1",
-    "parallel=ep1",
-    "telemetry.heatmap_every=2",
-    "telemetry.system_metrics=false",
-    f"tracking.experiment={EXPERIMENT}",
-]
+EXPERIMENT = SWEEP_EXPERIMENT
 PLOTS = ("loss_vs_tokens", "loss_vs_wall", "loss_vs_flops", "throughput", "a2a_share_per_layer")
 MOE_COLUMNS = ("a2a %", "load CV", "dropped")
 
@@ -50,12 +34,9 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Built:
-    """The sweep, run once, then `moelab-report --experiment` on it."""
-    work = tmp_path_factory.mktemp("report-sweep")
-    proc = run_launcher(work, shared_cache, *SWEEP)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+def built(variant_sweep: VariantSweep) -> Built:
+    """`moelab-report --experiment` on the shared sweep of the four variants."""
+    work, uri = variant_sweep.work, variant_sweep.uri
     out = work / "report-out"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -103,7 +84,7 @@ def test_table_has_every_column_and_variant(built: Built) -> None:
             assert "-" not in moe_cells, cells
         others = [c for i, c in enumerate(cells) if i not in moe_at and i != wall_at]
         assert "-" not in others, f"{variant}: {cells}"
-    assert "training tokens: 2,048 tokens" in built.stdout  # 4 steps x 4 x 128 tokens, 1 rank
+    assert "training tokens: 16,384 tokens" in built.stdout  # 16 steps x 2 ranks x 4 x 128
 
 
 @pytest.mark.slow

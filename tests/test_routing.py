@@ -7,9 +7,9 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 from moelab.analysis.routing import TOP_TOKENS, analyze, doc_title, routing_section, write_outputs
+from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 
 def test_doc_title_is_the_first_line() -> None:

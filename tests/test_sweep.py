@@ -9,6 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import SWEEP_EXPERIMENT, VARIANTS, VariantSweep
 from helpers import run_launcher
 from launcher import sweep
 from launcher.compose import compose_config
@@ -138,21 +139,20 @@ def test_log_tail(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_parent_and_child_runs(tmp_path: Path, shared_cache: Path) -> None:
-    proc = run_launcher(tmp_path, shared_cache, "-m", "model=tiny_dense,tiny_moe_top2", *TINY)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    _, parent, children = sweep_runs(tmp_path)
+def test_sweep_parent_and_child_runs(variant_sweep: VariantSweep) -> None:
+    """The shared sweep of the four variants (conftest.VARIANT_SWEEP)."""
+    _, parent, children = sweep_runs(variant_sweep.work, SWEEP_EXPERIMENT)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["sweep.model"] == "tiny_dense,tiny_moe_top2"
+    assert parent.data.tags["sweep.model"] == ",".join(VARIANTS)
     assert Path(parent.data.tags["moelab.sweep.dir"]).is_dir()
-    assert [c.data.tags["variant"] for c in children] == ["tiny_dense", "tiny_moe_top2"]
+    assert [c.data.tags["variant"] for c in children] == list(VARIANTS)
     for child in children:
         assert child.info.status == "FINISHED"
         assert "train/loss" in child.data.metrics
-        assert child.data.tags["override.train.steps"] == "4"
+        assert child.data.tags["override.train.steps"] == "16"
         assert Path(child.data.tags["run_dir"]).parent == Path(parent.data.tags["moelab.sweep.dir"])
-    table = summary_lines(proc.stdout)
-    assert len(table) == 4
+    table = summary_lines(variant_sweep.proc.stdout)
+    assert len(table) == 2 + len(VARIANTS)
     for child, line in zip(children, table[2:], strict=True):
         assert child.info.run_id in line and "FINISHED" in line
         assert f"{child.data.metrics['train/loss']:.3f}" in line

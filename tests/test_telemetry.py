@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
+from conftest import VariantSweep
 from moelab.config import MoEConfig
 from moelab.telemetry import perf
 from moelab.telemetry.moe import (
@@ -126,24 +126,12 @@ def test_eval_forwards_are_not_counted() -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_launch_logs_telemetry(tmp_path: Path, shared_cache: Path) -> None:
+def test_two_rank_launch_logs_telemetry(tmp_path: Path, variant_sweep: VariantSweep) -> None:
+    """tiny_moe_top2 of the shared 2-rank ZeRO-2 ep2 sweep: 16 steps, logged every 2, heatmaps
+    every 8, system metrics every second (conftest.VARIANT_SWEEP)."""
     from matplotlib.image import imread
-    from test_launch import launch
 
-    launch(
-        tmp_path,
-        shared_cache,
-        "model=tiny_moe_top2",
-        "zero=stage2",
-        "parallel=ep2",
-        "train=smoke",
-        "train.steps=16",
-        "train.log_every=2",
-        "telemetry.heatmap_every=8",
-        "telemetry.system_metrics_interval=1",
-    )
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("moelab").experiment_id])
+    client, run = variant_sweep.client, variant_sweep.run("tiny_moe_top2")
     m, tags, rid = run.data.metrics, run.data.tags, run.info.run_id
     assert run.info.status == "FINISHED"
     seen = ("perf/mfu", "perf/tflops_per_device", "moe/a2a_fraction", "moe/a2a_ms", "moe/a2a_gbps")
