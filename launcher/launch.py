@@ -43,9 +43,10 @@ def rank_processes(pid: int) -> dict[int, Any]:
     ranks: dict[int, Any] = {}
     try:
         for child in psutil.Process(pid).children(recursive=True):
-            try:
-                if RANK_MODULE in child.cmdline():
-                    ranks[int(child.environ().get("RANK", "-1"))] = child
+            try:  # deepspeed's per-node launcher names the module too, but has no RANK
+                rank = child.environ().get("RANK") if RANK_MODULE in child.cmdline() else None
+                if rank is not None:
+                    ranks[int(rank)] = child
             except (psutil.Error, ValueError):
                 continue
     except psutil.Error:
@@ -65,7 +66,7 @@ class RankWatch(threading.Thread):
         seen: dict[int, Any] = {}
         settled = False  # the deepspeed launcher starts a host's ranks together
         while not self.done.wait(0.5):
-            if not settled:  # a scan reads every process of the host: stop once complete
+            if not settled:  # a scan reads every process of the host: stop once two agree
                 found = rank_processes(self.pid)
                 settled = bool(found) and found.keys() == seen.keys()
                 seen |= found
