@@ -62,7 +62,7 @@ def _cell(value: Any) -> str:
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A Markdown table (also readable as plain text), floats to 3 significant digits."""
     body = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in body)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
@@ -109,6 +109,16 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "versions": versions(),
         "git_commit": git_commit(),
     }
+
+
+def progress(i: int, total: int, text: str) -> None:
+    """One progress line per measurement, with the load average (a busy machine shows)."""
+    print(f"[{i}/{total}] {text}  load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def note_end_load(env: dict[str, Any]) -> None:
+    """Add the load average at the end of the measurements to `env`."""
+    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
 
 
 def record(bench: str, result: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from benchlib import (
     free_port,
     machine,
     median_ratio,
+    note_end_load,
+    progress,
     record,
     schedule,
     steady_and_first,
@@ -418,13 +420,13 @@ def main() -> None:
     for i, (rnd, name) in enumerate(plan, 1):
         m = bench.run(by_name[name], f"r{rnd}-{name}")
         bench.results.setdefault(name, []).append(m)
-        print(
-            f"[{i}/{len(plan)}] round {rnd} {name:10s} {m.tokens_per_s:9.0f} tok/s  "
-            f"steady {m.steady_s:.3f} s  first step {m.first_step_s:.1f} s  "
-            f"load {os.getloadavg()[0]:.1f}",
-            flush=True,
+        progress(
+            i,
+            len(plan),
+            f"round {rnd} {name:10s} {m.tokens_per_s:9.0f} tok/s  "
+            f"steady {m.steady_s:.3f} s  first step {m.first_step_s:.1f} s",
         )
-    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    note_end_load(env)
     settings = {
         "cases": [c.name for c in cases],
         "rounds": args.rounds,

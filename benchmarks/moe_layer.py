@@ -26,7 +26,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from benchlib import RESULTS_DIR, append_jsonl, format_table, machine, median_ratio, record
+from benchlib import (
+    RESULTS_DIR,
+    append_jsonl,
+    format_table,
+    machine,
+    median_ratio,
+    note_end_load,
+    progress,
+    record,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -294,13 +303,13 @@ def main() -> None:
                 prof,
             ]
         )
-        print(
-            f"[{i}/{len(grid)}] tokens {t} experts {e} top-{k} drop {d}: "
-            f"time x{c['time_ratio']:.2f} memory x{c['mem_ratio']:.2f} "
-            f"load {os.getloadavg()[0]:.1f}",
-            flush=True,
+        progress(
+            i,
+            len(grid),
+            f"tokens {t} experts {e} top-{k} drop {d}: "
+            f"time x{c['time_ratio']:.2f} memory x{c['mem_ratio']:.2f}",
         )
-    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    note_end_load(env)
     head = [
         "tokens",
         "experts",

@@ -46,6 +46,7 @@ def test_format_table_is_markdown() -> None:
     assert "1.23" in lines[2] and "1.2346" not in lines[2]
     assert "12,346" in lines[3]
     assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert benchlib.format_table(["a", "bb"], []).splitlines() == ["| a | bb |", "|---|----|"]
 
 
 def test_steady_and_first_from_step_marks() -> None:

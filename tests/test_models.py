@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -27,13 +26,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "hydra_conf"
 TINY_VARIANTS = ["tiny_dense", "tiny_moe_top1", "tiny_moe_top2", "tiny_arctic", "tiny_pr_moe"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def compose_model(name: str) -> ModelConfig:

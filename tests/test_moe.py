@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -24,12 +23,7 @@ from moelab.moe import MoEFFN, RouterGate, moe_ffns, router_z_loss
 ROUTER_PER_G = 6 * 1024 * 6  # MoE layers x d_model x num_experts of seed_600m_moe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seed_moe(*overrides: str) -> ModelConfig:
