@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import secrets
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from launcher.hostfile import Resources, active_resources
 from launcher.render import RunFiles
 from launcher.validate import ConfigError
+from moelab import lifeline
 from moelab.checkpoint import STOP_FILE
 from moelab.config import MULTI_HOST_BACKENDS, MoelabConfig
 
@@ -31,50 +34,59 @@ def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
     return resources
 
 
-RANK_MODULE = "moelab.train"
 received: list[int] = []
 """Signals the last `execute` got (the run was stopped on purpose when non-empty)."""
 
 
-def rank_processes(pid: int) -> dict[int, Any]:
-    """{global rank: psutil.Process} of the training ranks started under `pid` on this host."""
-    import psutil
-
-    ranks: dict[int, Any] = {}
-    try:
-        for child in psutil.Process(pid).children(recursive=True):
-            try:  # deepspeed's per-node launcher names the module too, but has no RANK
-                rank = child.environ().get("RANK") if RANK_MODULE in child.cmdline() else None
-                if rank is not None:
-                    ranks[int(rank)] = child
-            except (psutil.Error, ValueError):
-                continue
-    except psutil.Error:
-        pass
-    return ranks
-
-
 class RankWatch(threading.Thread):
-    """Notes the first rank that exits while the others still run (who died: kill -9, OOM)."""
+    """Names the first rank on this host that was killed (kill -9, OOM killer, segfault).
 
-    def __init__(self, pid: int) -> None:
+    Ranks connect to an abstract Unix socket (`moelab.lifeline`) and say goodbye when they
+    leave through Python. The kernel closes a killed rank's connection as it dies, before
+    DeepSpeed's launcher polls its children or a peer's collective fails, so the first
+    connection closed without a goodbye names the rank whatever noticed the death first.
+    """
+
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.pid, self.first_dead = pid, ""
+        self.name = f"moelab-lifeline-{os.getpid()}-{secrets.token_hex(6)}"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind("\0" + self.name)
+        self.server.listen(64)
+        self.first_dead = ""
         self.done = threading.Event()
 
+    def env(self) -> dict[str, str]:
+        """What the launched command's environment needs for the local ranks to connect."""
+        return {lifeline.ENV: self.name}
+
     def run(self) -> None:
-        seen: dict[int, Any] = {}
-        settled = False  # the deepspeed launcher starts a host's ranks together
-        while not self.done.wait(0.5):
-            if not settled:  # a scan reads every process of the host: stop once two agree
-                found = rank_processes(self.pid)
-                settled = bool(found) and found.keys() == seen.keys()
-                seen |= found
-            gone = [r for r, p in seen.items() if not p.is_running() or p.status() == "zombie"]
-            if gone and len(gone) < len(seen):
-                proc = seen[gone[0]]
-                self.first_dead = f"rank {gone[0]} (pid {proc.pid}) exited first"
-                return
+        sel = selectors.DefaultSelector()
+        sel.register(self.server, selectors.EVENT_READ)
+        said: dict[socket.socket, bytes] = {}
+        while not self.done.is_set():
+            for key, _ in sel.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self.server:
+                    conn, _ = self.server.accept()
+                    sel.register(conn, selectors.EVENT_READ)
+                    said[conn] = b""
+                    continue
+                chunk = sock.recv(4096)
+                said[sock] += chunk
+                if not chunk:
+                    sel.unregister(sock)
+                    sock.close()
+                    self._closed(said.pop(sock))
+        sel.close()
+        self.server.close()
+
+    def _closed(self, said: bytes) -> None:
+        if self.first_dead or said.endswith(lifeline.GOODBYE):
+            return
+        rank, _, pid = said.decode(errors="replace").partition("\n")[0].partition(" ")
+        self.first_dead = f"rank {rank} (pid {pid}) exited first"
 
 
 def forward_signal(pid: int, signum: int, run_dir: Path) -> None:
@@ -100,25 +112,26 @@ def execute(files: RunFiles, append: bool = False) -> int:
     if len(files.commands) > 1:
         for n in range(1, len(files.commands)):
             print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
+    watch = RankWatch()
+    watch.start()
     proc = subprocess.Popen(
         ["bash", str(files.script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=os.environ.copy(),
+        env=os.environ | watch.env(),
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         forward_signal(proc.pid, signum, files.run_dir)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    watch = RankWatch(proc.pid)
-    watch.start()
     try:
         stream(proc, files, append)
         code = proc.wait()
     finally:
         watch.done.set()
+        watch.join()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if code != 0 and watch.first_dead:

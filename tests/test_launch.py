@@ -61,3 +61,65 @@ def test_two_rank_launch_logs_to_mlflow(variant: str, variant_sweep: VariantSwee
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/resolved.yaml", "config/ds_config.json"} <= arts
     assert run.data.params["model.name"] == variant
+
+
+RANK_CHILD = """
+import signal, sys, time
+from moelab import lifeline
+lifeline.connect()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a peer whose collective failed
+print("connected", flush=True)
+if sys.argv[1] == "wait":
+    time.sleep(60)
+"""
+
+
+def test_rank_watch_names_the_killed_rank_even_when_a_peer_exits_at_once() -> None:
+    """kill -9 of rank 1 while rank 0 leaves through Python at once (as a peer whose collective
+    failed does): rank 1 is named, whichever connection the watch reads first; a later
+    kill -9 of another rank does not take its place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from launcher.launch import RankWatch
+
+    watch = RankWatch()
+    watch.start()
+
+    def rank(n: int, mode: str) -> subprocess.Popen[str]:
+        env = os.environ | watch.env() | {"RANK": str(n)}
+        cmd = [sys.executable, "-c", RANK_CHILD, mode]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline() == "connected\n"
+        return proc
+
+    peer, victim, late = rank(0, "wait"), rank(1, "wait"), rank(2, "wait")
+    os.kill(victim.pid, signal.SIGKILL)
+    peer.send_signal(signal.SIGTERM)
+    victim.wait(timeout=30)
+    peer.wait(timeout=30)
+    time.sleep(0.5)
+    late.kill()
+    late.wait(timeout=30)
+    watch.done.set()
+    watch.join(timeout=10)
+    assert watch.first_dead == f"rank 1 (pid {victim.pid}) exited first"
+
+
+def test_rank_watch_blames_no_rank_that_exits_through_python() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from launcher.launch import RankWatch
+
+    watch = RankWatch()
+    watch.start()
+    env = os.environ | watch.env() | {"RANK": "0"}
+    subprocess.run([sys.executable, "-c", RANK_CHILD, "exit"], env=env, check=True, timeout=60)
+    watch.done.set()
+    watch.join(timeout=10)
+    assert watch.first_dead == ""

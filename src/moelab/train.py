@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moelab import data, engine, finetune
+from moelab import data, engine, finetune, lifeline
 from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
 from moelab.guard import NonFiniteError, StepGuard
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moelab rank entry point")
     parser.add_argument("--config", required=True, help="resolved config.yaml of the run")
     args = parser.parse_args(argv)
+    lifeline.connect()
     try:
         run(load_config(args.config))
     except NonFiniteError as err:  # every rank raises alike; the last checkpoint is intact
