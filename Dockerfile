@@ -6,14 +6,18 @@
 #   docker build --build-arg CUDA_VERSION=12.6.3 --build-arg TORCH_CUDA=cu126 -t moelab:cu126 .
 # Keep CUDA_VERSION and TORCH_CUDA in step: TORCH_CUDA picks the PyTorch wheel index
 # (https://download.pytorch.org/whl/<TORCH_CUDA>) whose CUDA matches the base image's nvcc,
-# which DeepSpeed checks when it compiles ops.
-ARG CUDA_VERSION=12.8.1
+# which DeepSpeed checks when it compiles ops (major.minor must match exactly on CUDA 13).
+# torch 2.13 has cu130 and cu126 wheels and no cu128 ones (docs/deploy.md, "What was checked");
+# cu130 needs a host driver >= 580 and compute capability >= 7.5, cu126 covers older ones.
+ARG CUDA_VERSION=13.0.2
 ARG UBUNTU_VERSION=24.04
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu${UBUNTU_VERSION}
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_CUDA=cu128
+ARG TORCH_CUDA=cu130
 ARG DEEPSPEED_VERSION=0.19.8
+# pynvml, for MLflow's GPU system metrics (utilisation, memory per GPU)
+ARG NVIDIA_ML_PY_VERSION=13.615.71
 # Compute capabilities the prebuilt ops are compiled for (A100, L40S/4090, H100/H200).
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0"
 ARG MOELAB_UID=1000
@@ -25,6 +29,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
+    DS_ACCELERATOR=cuda \
     TORCH_EXTENSIONS_DIR=/home/moelab/.cache/torch_extensions \
     PDSH_RCMD_TYPE=ssh \
     MOELAB_SSH_PORT=2222 \
@@ -56,22 +61,28 @@ WORKDIR /opt/moelab
 # Layer 2: the dependencies, cached until pyproject.toml changes (the source comes later).
 # torch from the wheel index of the matching CUDA; then DeepSpeed built against it
 # (--no-build-isolation) with prebuilt ops, which DeepSpeed recommends for images that many
-# nodes start at once (no per-node JIT compile, no race on the extension cache):
-#   DS_BUILD_FUSED_ADAM  FusedAdam, DeepSpeed's GPU Adam/AdamW (the optimizer when
-#                        "torch_adam" is off, the recommended setting on GPUs);
-#   DS_BUILD_CPU_ADAM    DeepSpeedCPUAdam, needed by zero.offload_optimizer=cpu (ZeRO-Offload);
-#   DS_BUILD_UTILS       flatten/unflatten used by ZeRO stages 1-3 bucketing.
+# nodes start at once (no per-node JIT compile, no race on the extension cache).
+# DS_ACCELERATOR=cuda: `docker build` sees no GPU, and without it DeepSpeed would pick its CPU
+# accelerator and build the CPU variants of the ops (which it then ignores on a GPU node).
+#   DS_BUILD_CPU_ADAM    DeepSpeedCPUAdam, moelab's optimizer with zero.offload_optimizer=cpu
+#                        (ZeRO-Offload); without the op moelab falls back to torch's AdamW;
+#   DS_BUILD_UTILS       DeepSpeed's flatten/unflatten op (its checkpoint writer and inference
+#                        code; ZeRO in 0.19.8 flattens with torch's own functions);
+#   DS_BUILD_FUSED_ADAM  DeepSpeed's FusedAdam, for DeepSpeed configs that ask for it. moelab
+#                        does not use it: on a GPU its optimizer is torch's fused AdamW
+#                        (torch.optim.AdamW(fused=True), DeepSpeed's "torch_adam" path, no op).
 # DeepSpeed-MoE's gating and all-to-all are plain torch/NCCL and need no compiled op; any other
 # op is still JIT-built on first use thanks to nvcc + ninja. moelab's own dependencies come
-# from pyproject.toml's [project.dependencies] (all pinned there).
+# from pyproject.toml's [project.dependencies] (all pinned there), plus nvidia-ml-py.
 COPY --chown=moelab:moelab pyproject.toml ./
 RUN python3 -m venv /opt/venv \
  && pip install --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
  && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
- && DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 \
-    pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
+ && DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \
+    DS_BUILD_UTILS=1 pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
  && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
+      "nvidia-ml-py==${NVIDIA_ML_PY_VERSION}" \
  && rm /tmp/requirements.txt \
  && ds_report
 

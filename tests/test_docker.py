@@ -104,6 +104,40 @@ def test_trainer_dockerfile_recipe() -> None:
     assert not re.search(r"COPY[^\n]*(id_rsa|id_ed25519|authorized_keys|\.pem)", text)
 
 
+# CUDA builds of torch published on download.pytorch.org, per torch version (docs/deploy.md,
+# "What was checked"): the image's default TORCH_CUDA must be one of them.
+TORCH_CUDA_WHEELS = {"2.13.0": {"cu126", "cu130"}}
+
+
+def test_trainer_dockerfile_builds_deepspeed_for_cuda() -> None:
+    """`docker build` sees no GPU: DeepSpeed must be told it builds for cuda, not detect cpu."""
+    ins = instructions(REPO / "Dockerfile")
+    args = dict(a.split("=", 1) for n, a in ins if n == "ARG" and "=" in a)
+    (ds_run,) = [a for n, a in ins if n == "RUN" and "deepspeed==" in a]
+    ds_install = ds_run[: ds_run.index('"deepspeed==${DEEPSPEED_VERSION}"')]
+    ds_step = ds_install[ds_install.rindex("&&") :]  # the command that installs DeepSpeed
+    assert "DS_ACCELERATOR=cuda" in ds_step.split(), ds_step
+    assert "DS_BUILD_CPU_ADAM=1" in ds_step.split()
+    # and for every later command and the running image (the launcher forwards it to ranks)
+    envs = [(i, a.split()) for i, (n, a) in enumerate(ins) if n == "ENV"]
+    ds_index = ins.index(("RUN", ds_run))
+    assert any(i < ds_index and "DS_ACCELERATOR=cuda" in words for i, words in envs)
+    assert not any("DS_ACCELERATOR=" in a and "DS_ACCELERATOR=cuda" not in a for _, a in ins)
+    # MLflow's GPU system metrics need pynvml
+    assert '"nvidia-ml-py==${NVIDIA_ML_PY_VERSION}"' in ds_run and "NVIDIA_ML_PY_VERSION" in args
+    # a torch wheel that exists, from a base image whose nvcc has the same CUDA major.minor
+    torch_cuda = args["TORCH_CUDA"]
+    assert torch_cuda in TORCH_CUDA_WHEELS[args["TORCH_VERSION"]], torch_cuda
+    major, minor = args["CUDA_VERSION"].split(".")[:2]
+    assert torch_cuda == f"cu{major}{minor}", (args["CUDA_VERSION"], torch_cuda)
+
+
+def test_trainer_dockerfile_names_the_optimizer_moelab_uses() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert "AdamW(fused=True)" in text and "DeepSpeedCPUAdam" in text
+    assert 'torch_adam" is off' not in text  # FusedAdam is not moelab's GPU optimizer
+
+
 def test_dockerignore_keeps_state_and_secrets_out() -> None:
     rules = (REPO / ".dockerignore").read_text().splitlines()
     for rule in (".venv/", ".git/", "mlflow.db", "mlruns/", "runs/", "docker/ssh/*", "**/.env"):
