@@ -69,14 +69,14 @@ def phase(cfg: MoelabConfig, model: Any, opt: Any, steps: int, on: bool) -> tupl
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+        tel.begin_step(step)
         ids = torch.randint(0, 4000, shape, generator=gen)
         out = model(ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         tel.on_micro_step(out)
-        tel.on_step(time.perf_counter() - t0)
+        tel.end_step()
         tel.maybe_log(step)
     per_step = (time.perf_counter() - start) / steps
     t0 = time.perf_counter()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -115,17 +117,17 @@ def execute_tracked(
     from launcher import launch as launch_mod
     from launcher import tracking
 
-    code, status = 1, "FAILED"
+    code, status, step = 1, "FAILED", "data preparation"
     try:
         if not resume:
             write_scripts(files)
         print(f"moelab-launch: run {run_id} in {files.run_dir}", flush=True)
-        code = launch_mod.execute(files, append=resume)
+        code, step = prepare_and_execute(files, resume)
         status = run_status(cfg, files.run_dir, code)
     finally:  # never leave the run RUNNING
         try:
             if job is not None and code != 0:
-                job.message = f"deepspeed exited with code {code}; see {files.log}"
+                job.message = f"{step} exited with code {code}; see {files.log}"
                 tail = sweep.log_tail(files.log)
                 tracking.log_text(uri, run_id, tail, sweep.TAIL_ARTIFACT)
         finally:
@@ -135,6 +137,37 @@ def execute_tracked(
     if status == "KILLED" or (code != 0 and read_meta(files.run_dir)):
         print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
     return 128 + launch_mod.received[0] if launch_mod.received else code
+
+
+def prepare_and_execute(files: RunFiles, resume: bool) -> tuple[int, str]:
+    """The data preparation, then deepspeed: the exit code and the step that gave it."""
+    from launcher import launch as launch_mod
+
+    code = prepare_data(files, append=resume)
+    if code != 0:
+        print("moelab-launch: data preparation failed; no rank was started", flush=True)
+        return code, "data preparation"
+    return launch_mod.execute(files, append=True), "deepspeed"
+
+
+def prepare_data(files: RunFiles, append: bool) -> int:
+    """Tokenize and cache the corpus on this host before any rank starts (`python -m
+    moelab.data`; the ranks only load the cache), its output the start of train.log; the exit
+    code, 128 + SIGINT when Ctrl-C stopped it."""
+    from launcher import launch as launch_mod
+
+    launch_mod.received.clear()
+    command = [sys.executable, "-m", "moelab.data", "--config", str(files.run_dir / "config.yaml")]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | files.env
+    )
+    try:
+        launch_mod.stream(proc, files, append)
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the preparation too
+        proc.wait()
+        launch_mod.received.append(signal.SIGINT)
+        return 128 + signal.SIGINT
 
 
 def record_invalid(cfg: MoelabConfig, run_dir: Path, job: JobOutcome, message: str) -> None:
@@ -194,7 +227,7 @@ def app(dcfg: DictConfig) -> None:
     if 128 < code < 160:
         fail(f"stopped by signal {code - 128}; see {run_dir / 'train.log'}", code)
     if code != 0:
-        fail(f"deepspeed exited with code {code}; see {run_dir / 'train.log'}", code)
+        fail(f"the run exited with code {code}; see {run_dir / 'train.log'}", code)
 
 
 RESUMABLE = ("train.stop_after", "train.checkpoint_every", "train.keep_checkpoints")

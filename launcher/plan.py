@@ -20,9 +20,9 @@ from hydra.errors import HydraException
 from launcher.compose import compose_config, to_schema
 from launcher.validate import ConfigError, validate
 from moelab.config import MoelabConfig
+from moelab.devices import DEVICES
 from moelab.flops import flops_per_token
 from moelab.memory import (
-    DEVICES,
     GIB,
     Sizes,
     TrainSetup,

@@ -13,12 +13,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launcher import gpus
 from launcher.hostfile import Resources
 from moelab.config import MoelabConfig
 from moelab.engine import build_ds_config
 
 # Forwarded from the launcher's environment to every rank when set.
-PASS_THROUGH = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME", "PYTHONPATH")
+PASS_THROUGH = (
+    *("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME", "PYTHONPATH"),
+    "DEEPSPEED_TIMEOUT",
+)
+PASS_THROUGH_PREFIXES = ("NCCL_", "CUDA_")
+"""Also forwarded (DeepSpeed's runner forwards NCCL_* only from a head with a GPU, CUDA_* never)."""
+PER_HOST = ("CUDA_VISIBLE_DEVICES",)
+"""Never forwarded: each host's DeepSpeed launcher sets its own from the hostfile's slots."""
 
 
 @dataclass
@@ -87,15 +95,37 @@ def _train_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
     ]
 
 
+def local_command(cfg: MoelabConfig, run_dir: Path) -> list[str]:
+    """deepspeed on this machine: --num_gpus ranks, or the GPUs CUDA_VISIBLE_DEVICES names.
+
+    With --num_gpus DeepSpeed replaces CUDA_VISIBLE_DEVICES by 0..N-1, so set devices are
+    named with --include instead: DeepSpeed writes those ids into the ranks'
+    CUDA_VISIBLE_DEVICES as they are, hence physical ids, and the variable is unset for
+    DeepSpeed itself, which then counts (and checks the ids against) all of the host's GPUs.
+    """
+    c, train = cfg.cluster, _train_args(cfg, run_dir)
+    port = f"--master_port={c.master_port}"
+    ids = gpus.local_gpus() if "CUDA_VISIBLE_DEVICES" in os.environ else []
+    if not ids:
+        return ["deepspeed", f"--num_gpus={c.nproc_per_node}", port, *train]
+    include = f"--include=localhost:{','.join(ids[: c.nproc_per_node])}"
+    return ["env", "-u", "CUDA_VISIBLE_DEVICES", "deepspeed", include, port, *train]
+
+
+def prepare_first(run_dir: Path, command: list[str]) -> list[str]:
+    """`command`, run once the data is prepared on that host (`python -m moelab.data`)."""
+    return ["python", "-m", "moelab.data", "--config", str(run_dir / "config.yaml"), "--", *command]
+
+
 def deepspeed_commands(cfg: MoelabConfig, run_dir: Path, nodes: int) -> list[list[str]]:
     """The exact deepspeed CLI invocation(s) for the cluster backend."""
     c, train = cfg.cluster, _train_args(cfg, run_dir)
     if c.backend == "local":
-        port = f"--master_port={c.master_port}"
-        return [["deepspeed", f"--num_gpus={c.nproc_per_node}", port, *train]]
+        return [local_command(cfg, run_dir)]
     hosts = _hostfile_args(cfg, run_dir)
-    if c.backend == "no_ssh":
-        return [["deepspeed", *hosts, "--no_ssh", f"--node_rank={n}", *train] for n in range(nodes)]
+    if c.backend == "no_ssh":  # the launcher prepares node 0's data; the others do their own
+        node = [["deepspeed", *hosts, "--no_ssh", f"--node_rank={n}", *train] for n in range(nodes)]
+        return node[:1] + [prepare_first(run_dir, cmd) for cmd in node[1:]]
     launcher = ["--launcher=openmpi"] if c.backend == "openmpi" else []
     check = ["--no_ssh_check"] if c.no_ssh_check else []
     return [["deepspeed", *launcher, *hosts, *check, *train]]
@@ -105,13 +135,18 @@ def rank_env(cfg: MoelabConfig, slots_per_host: int) -> dict[str, str]:
     """Environment every rank needs on top of its host's."""
     threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // slots_per_host)
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    env.update({k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)})
+    env.update({k: v for k, v in os.environ.items() if v and forwarded(k)})
     if cfg.cluster.socket_ifname:
         env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = cfg.cluster.socket_ifname
     if cfg.cluster.ssh_args:
         env["PDSH_SSH_ARGS_APPEND"] = cfg.cluster.ssh_args
     env.update(cfg.cluster.env)
     return env
+
+
+def forwarded(key: str) -> bool:
+    """Whether the launcher's variable `key` goes to every rank on every host."""
+    return key in PASS_THROUGH or (key.startswith(PASS_THROUGH_PREFIXES) and key not in PER_HOST)
 
 
 def write_scripts(files: RunFiles) -> None:

@@ -1,7 +1,8 @@
 """cluster=slurm: render job.sbatch, check it against the cluster, submit, follow, cancel.
 
-The job runs one `deepspeed --no_ssh --node_rank=$SLURM_NODEID` per node through `srun`;
-each starts that node's ranks. DeepSpeed's own `--launcher=slurm` is not used: it runs
+The job runs one `deepspeed --no_ssh --node_rank=$SLURM_NODEID` per node through `srun`,
+after preparing the data on that node; each starts that node's ranks on the GPUs Slurm gave
+the node (its CUDA_VISIBLE_DEVICES). DeepSpeed's own `--launcher=slurm` is not used: it runs
 `srun python -u <script>` (no `--module`) and leaves RANK/MASTER_ADDR to MPI discovery.
 """
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, NoReturn
 
 from launcher.render import RunFiles, _train_args, write_scripts
 from launcher.sweep import JobOutcome
@@ -70,14 +71,55 @@ def sbatch_header(cfg: MoelabConfig, run_dir: Path) -> list[str]:
 
 
 def node_step(cfg: MoelabConfig, run_dir: Path) -> str:
-    """What srun runs once per node: deepspeed, its node rank and master from Slurm's env."""
+    """What srun runs once per node: the data preparation, then deepspeed with its node rank
+    and master from Slurm's env (`launcher.slurm node` adds the hostfile and this node's GPUs)."""
     c = cfg.cluster
-    hostfile = run_dir / "hostfile.slurm"
-    cmd = ["deepspeed", f"--hostfile={hostfile}", "--no_ssh", f"--master_port={c.master_port}"]
+    prepare = ["python", "-m", "moelab.data", "--config", str(run_dir / "config.yaml")]
+    node = ["python", "-m", "launcher.slurm", "node", str(run_dir / "hostfile.slurm")]
+    cmd = ["deepspeed", "--no_ssh", f"--master_port={c.master_port}"]
     return (
-        f'exec {shlex.join(cmd)} --node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" '
+        f"{shlex.join(prepare)} && exec {shlex.join([*node, *cmd])} "
+        f'--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR" '
         + shlex.join(_train_args(cfg, run_dir))
     )
+
+
+def node_args(hostfile: Path, node_rank: int, visible: str | None) -> list[str]:
+    """deepspeed's --hostfile (and --include) for node `node_rank` of the job.
+
+    DeepSpeed hands a node's ranks the hostfile's slots 0..N-1 as CUDA_VISIBLE_DEVICES. When
+    Slurm named the node's GPUs (`visible`, physical ids) this node's slots are those ids
+    instead: a copy of the hostfile wide enough for them, and an --include with every node's
+    slots (the other nodes' count is all that matters here; each node picks its own ids).
+    """
+    if not visible:
+        return [f"--hostfile={hostfile}"]
+    hosts = [line.split() for line in hostfile.read_text().splitlines() if line.strip()]
+    per_node = int(hosts[node_rank][1].removeprefix("slots="))
+    ids = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(ids) < per_node or not all(d.isdigit() for d in ids):
+        raise ConfigError(
+            f"node {hosts[node_rank][0]} has CUDA_VISIBLE_DEVICES={visible}, not {per_node} GPU "
+            "indices; request cluster.gpus_per_node GPUs per node for cluster.nproc_per_node ranks."
+        )
+    ids = ids[:per_node]
+    own = hostfile.with_name(f"{hostfile.name}.node{node_rank}")
+    width = max(per_node, *(int(d) + 1 for d in ids))
+    own.write_text("".join(f"{h[0]} slots={width}\n" for h in hosts))
+    every = ",".join(str(i) for i in range(per_node))
+    slots = [f"{h[0]}:{','.join(ids) if n == node_rank else every}" for n, h in enumerate(hosts)]
+    return [f"--hostfile={own}", f"--include={'@'.join(slots)}"]
+
+
+def exec_node(hostfile: Path, command: list[str]) -> NoReturn:
+    """Run `command` (deepspeed ...) with this node's node_args; Slurm's variables say which."""
+    env = dict(os.environ)
+    visible = env.pop("CUDA_VISIBLE_DEVICES", None)  # DeepSpeed sets the ranks' own
+    try:
+        args = node_args(hostfile, int(env["SLURM_NODEID"]), visible)
+    except ConfigError as err:
+        sys.exit(f"moelab: error: {err}")
+    os.execvpe(command[0], [command[0], *args, *command[1:]], env)
 
 
 def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
@@ -340,6 +382,11 @@ def end_run(run_dir: Path, code: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["node"] and len(sys.argv) > 3:
+        exec_node(Path(sys.argv[2]), sys.argv[3:])
     if sys.argv[1:2] != ["end-run"] or len(sys.argv) != 4:
-        sys.exit("usage: python -m launcher.slurm end-run <run dir> <exit code>")
+        sys.exit(
+            "usage: python -m launcher.slurm end-run <run dir> <exit code>\n"
+            "       python -m launcher.slurm node <hostfile> deepspeed <args>"
+        )
     end_run(Path(sys.argv[2]), int(sys.argv[3]))

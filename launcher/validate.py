@@ -179,6 +179,17 @@ def validate_train(cfg: MoelabConfig) -> None:
     _at_least("train.threads_per_rank", t.threads_per_rank, 0)
     _at_least("train.seed", t.seed, 0)
     _one_of("train.precision", t.precision, PRECISIONS)
+    _require(
+        0 <= t.fp16_initial_scale_power <= 64,
+        f"train.fp16_initial_scale_power={t.fp16_initial_scale_power} must be between 0 and 64.",
+    )
+    # DeepSpeed 0.19.8 scales the loss only through its ZeRO optimizers: at ZeRO 0 its fp16
+    # optimizer unscales gradients that were never scaled (updates shrink by the loss scale).
+    _require(
+        t.precision != "fp16" or cfg.zero.stage >= 1,
+        "train.precision=fp16 needs zero.stage 1 or 2 (DeepSpeed's ZeRO-0 fp16 path never "
+        "scales the loss); use zero=stage1, or train.precision=bf16.",
+    )
     validate_reliability(t)
 
 
@@ -281,13 +292,42 @@ def validate_cluster(cfg: MoelabConfig, planning: bool = False) -> None:
         c.socket_ifname is None or IFNAME.match(c.socket_ifname) is not None,
         f"cluster.socket_ifname={c.socket_ifname!r} is not a network interface name.",
     )
+    _require(
+        c.timeout_minutes > 0,
+        f"cluster.timeout_minutes={c.timeout_minutes} must be positive (minutes a collective "
+        "may wait on a peer before the run fails).",
+    )
     _require("\n" not in c.ssh_args, "cluster.ssh_args must be one line.")
     for key, value in c.env.items():
         _require(
             ENV_KEY.match(key) is not None and "\n" not in str(value),
             f"cluster.env.{key} must be a NAME=one-line-value pair.",
         )
+    if c.backend == "local" and not planning:
+        validate_local_gpus(c.nproc_per_node)
     validate_slurm(cfg)
+
+
+def validate_local_gpus(ranks: int) -> None:
+    """On a GPU host the local ranks get the visible GPUs, one each, by physical index."""
+    from launcher import gpus
+
+    count, ids = gpus.gpu_count(), gpus.local_gpus()
+    if count == 0 or not ids:
+        return  # no GPU (or CUDA_VISIBLE_DEVICES hides them all): the ranks are CPU processes
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    bad = gpus.not_indices(ids, count)
+    _require(
+        not bad,
+        f"CUDA_VISIBLE_DEVICES={shown} names {','.join(bad)}, which is not the index of one of "
+        f"this host's {count} GPUs (0-{count - 1}); list GPU indices such as 0,1 there.",
+    )
+    where = f"CUDA_VISIBLE_DEVICES={shown}" if shown is not None else "this host"
+    _require(
+        ranks <= len(ids),
+        f"cluster.nproc_per_node={ranks} exceeds the {len(ids)} GPUs of {where} (one rank per "
+        "GPU); lower it, or leave it unset to start one rank per visible GPU.",
+    )
 
 
 def validate_slurm(cfg: MoelabConfig) -> None:
@@ -356,6 +396,7 @@ def validate_telemetry(cfg: MoelabConfig) -> None:
     t = cfg.telemetry
     _at_least("telemetry.heatmap_every", t.heatmap_every, 0)
     _positive("telemetry.system_metrics_interval", t.system_metrics_interval)
+    _at_least("telemetry.moe_timing_every", t.moe_timing_every, 0)
     if t.peak_tflops is not None:
         _positive("telemetry.peak_tflops", t.peak_tflops)
 

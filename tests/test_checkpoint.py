@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import run_launcher
-from moelab.checkpoint import check_layout, read_meta
+from moelab.checkpoint import check_layout, read_meta, rng_state, set_rng_state
 
 STEPS = 8
 RUN = (
@@ -37,6 +37,37 @@ def test_layout_mismatch_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"world size 2 and ep_size 2, not 4 and 2; resume"):
         check_layout(meta, 4, 2)
     assert read_meta(tmp_path / "nothing") is None
+
+
+def test_rng_state_restores_the_accelerators_draws() -> None:
+    """The "device" part alone brings back the accelerator's stream (CUDA: every GPU's)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    acc.manual_seed_all(7)
+    saved = rng_state()
+    assert saved["device"]["accelerator"] == acc.device_name()
+    expected = torch.rand(8, device=acc.device_name())
+    acc.manual_seed_all(8)
+    set_rng_state(rng_state() | {"device": saved["device"]})
+    assert torch.equal(torch.rand(8, device=acc.device_name()), expected)
+
+
+def test_other_accelerators_rng_is_a_note_not_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPU checkpoint on a CPU (or the reverse): host streams restored, device ones named."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    other = "cuda" if name == "cpu" else "cpu"
+    torch.manual_seed(3)
+    saved = rng_state()
+    expected = torch.rand(4)
+    foreign = {"accelerator": other, "states": [torch.zeros(16, dtype=torch.uint8)]}
+    set_rng_state(saved | {"device": foreign})
+    assert torch.equal(torch.rand(4), expected)
+    assert (
+        f"the checkpoint's {other} RNG states are not restored on {name}" in capsys.readouterr().out
+    )
 
 
 def run_dir_of(workdir: Path) -> Path:

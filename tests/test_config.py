@@ -84,3 +84,49 @@ def test_resolved_yaml_round_trip(tmp_path: Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), path)
     again = load_config(path)
     assert again == cfg
+
+
+def test_train_gpu_preset() -> None:
+    """train=gpu: bf16, a larger micro-batch, TF32 for fp32 matmuls; the rest is the default."""
+    from moelab.engine import build_ds_config
+
+    cfg = to_schema(compose_config(["train=gpu"]))
+    validate(cfg)
+    t = cfg.train
+    assert (t.precision, t.micro_batch_size, t.allow_tf32) == ("bf16", 16, True)
+    assert t.steps == to_schema(compose_config()).train.steps
+    assert not to_schema(compose_config()).train.allow_tf32
+    assert build_ds_config(cfg)["bf16"]["enabled"] is True
+
+
+def test_set_matmul_precision() -> None:
+    import torch
+
+    from moelab import engine
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        engine.set_matmul_precision(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        engine.set_matmul_precision(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_auto_local_rank_count() -> None:
+    """cluster=local leaves nproc_per_node to the launcher (0): one rank per visible GPU, 2
+    without GPUs; a count given on the command line is kept."""
+    from launcher import gpus
+
+    assert gpus.visible(0, "2,3") == []  # no GPU: CUDA_VISIBLE_DEVICES means nothing
+    assert gpus.visible(4, None) == ["0", "1", "2", "3"]
+    assert gpus.visible(4, "2, 3") == ["2", "3"]
+    assert gpus.visible(4, "") == []
+    assert [gpus.auto_ranks(n) for n in (0, 1, 4)] == [2, 1, 4]
+    assert gpus.not_indices(["1", "4", "GPU-ab"], 4) == ["4", "GPU-ab"]
+    assert compose_config().cluster.nproc_per_node == 0
+    assert gpus.gpu_count() == 0, "this test expects a host without GPUs"
+    assert to_schema(compose_config()).cluster.nproc_per_node == 2
+    assert to_schema(compose_config(["cluster.nproc_per_node=3"])).cluster.nproc_per_node == 3
+    assert to_schema(compose_config(["cluster.gpus_per_node=1"])).cluster.nproc_per_node == 1

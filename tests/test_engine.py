@@ -9,6 +9,7 @@ import textwrap
 from typing import Any
 
 import pytest
+import torch
 
 from helpers import REPO, free_port
 
@@ -97,3 +98,108 @@ def test_zero_router_only_has_one_dense_group(frozen_runs: dict[str, dict[str, A
     changed = out["changed"]
     assert len(changed) == 4 and all(".gate.wg." in n for n in changed), changed
     assert out["groups"] == 1 and out["optimizer_numel"] == out["trainable"]
+
+
+# NCCL has no CPU backend: every tensor the ranks hand to a collective must live on the
+# engine's device. gloo accepts CPU tensors, so real CPU runs cannot show a violation; here the
+# engine's device is `meta` (no data, never CPU) and torch.distributed is a recording fake.
+META = torch.device("meta")
+
+
+class RecordingDist:
+    """The collectives of torch.distributed, recording the device of every tensor handed in."""
+
+    def __init__(self) -> None:
+        self.devices: list[tuple[str, torch.device]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import torch.distributed as dist
+
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+        for name in ("all_reduce", "broadcast", "all_to_all_single", "reduce_scatter_tensor"):
+            monkeypatch.setattr(dist, name, self._record(name))
+        monkeypatch.setattr(dist, "all_gather", self._all_gather)
+        monkeypatch.setattr(dist, "all_gather_into_tensor", self._record("all_gather_into_tensor"))
+
+    def _record(self, name: str) -> Any:
+        def collective(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            self.devices.append((name, tensor.device))
+            for t in args:
+                if isinstance(t, torch.Tensor):
+                    self.devices.append((name, t.device))
+
+        return collective
+
+    def _all_gather(self, out: list[torch.Tensor], tensor: torch.Tensor, *a: Any, **k: Any) -> None:
+        self.devices += [("all_gather", t.device) for t in (*out, tensor)]
+
+
+def meta_moe_model() -> torch.nn.Module:
+    from launcher.compose import compose_config, to_schema
+    from moelab.models import build_model
+
+    cfg = to_schema(compose_config(["model=tiny_moe_top2", "cluster.nproc_per_node=1"]))
+    with torch.device(META):
+        model = build_model(cfg.model, 1, 0, 0).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+def test_every_tensor_handed_to_a_collective_is_on_the_engine_device(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The loop's per-step flags (guard + stop request), the window's loss means, the eval
+    mean and telemetry's gathered window are built on the engine's device, for every ZeRO
+    stage and precision the guard distinguishes."""
+    from types import SimpleNamespace
+
+    from launcher.compose import compose_config, to_schema
+    from moelab import engine
+    from moelab.checkpoint import StopFlag
+    from moelab.engine import DistInfo
+    from moelab.guard import StepGuard
+    from moelab.telemetry.core import Telemetry, gather_rows
+    from moelab.telemetry.sink import NullSink
+
+    rec = RecordingDist()
+    rec.install(monkeypatch)
+    model = meta_moe_model()
+    ds_engine = SimpleNamespace(device=META, module=model)
+    loss_sum = torch.zeros(4, device=META)[0]
+    for stage, precision in [(0, "fp32"), (0, "fp16"), (2, "bf16")]:
+        guard = StepGuard(skip=False, zero_stage=stage, precision=precision)
+        flags = torch.cat([guard.local_flags(ds_engine, loss_sum), StopFlag(tmp_path).local(META)])
+        engine.any_rank(flags)
+    engine.all_reduce_mean(torch.zeros(4, device=META))
+    cfg = to_schema(compose_config(["model=tiny_moe_top2", "telemetry.system_metrics=false"]))
+    cfg.telemetry.peak_tflops = 1.0
+    info = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, ep_size=1)
+    monkeypatch.setattr(Telemetry, "_tags", lambda self, info, peak: None)  # object gather
+    tel = Telemetry(cfg, info, model, NullSink())
+    gather_rows(tel.window_vector())
+    tel.close()
+    assert len(rec.devices) >= 6
+    assert {device for _, device in rec.devices} == {META}, rec.devices
+
+
+def test_optimizer_is_picked_for_the_rank_device() -> None:
+    """torch's AdamW as rendered on CPU; its fused kernel on a GPU; with optimizer offload,
+    DeepSpeed's CPU Adam where that op builds, else torch's AdamW."""
+    from launcher.compose import compose_config, to_schema
+    from moelab import engine
+
+    cfg = to_schema(compose_config(["model=tiny_dense"]))
+    rendered = engine.build_ds_config(cfg)
+    cpu = engine.pick_optimizer(rendered, "cpu")["optimizer"]["params"]
+    cuda = engine.pick_optimizer(rendered, "cuda")["optimizer"]["params"]
+    assert cpu["torch_adam"] and "fused" not in cpu
+    assert cuda["torch_adam"] and cuda["fused"] is True
+    assert "fused" not in rendered["optimizer"]["params"]  # a copy: the rendered one stays
+    overrides = ["model=tiny_dense", "zero=stage2", "zero.offload_optimizer=cpu"]
+    offload = engine.build_ds_config(to_schema(compose_config(overrides)))
+    for builds in (True, False):
+        picked = engine.pick_optimizer(offload, "cuda", lambda b=builds: b)["optimizer"]
+        assert picked["params"]["torch_adam"] is not builds and "fused" not in picked["params"]

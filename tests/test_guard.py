@@ -16,9 +16,10 @@ from moelab.checkpoint import read_meta
 from moelab.guard import (
     NonFiniteError,
     NonFiniteGuard,
+    StepGuard,
     check_finite,
     grad_norm,
-    nonfinite_flag,
+    nonfinite_grads,
     skip_update,
 )
 
@@ -41,7 +42,7 @@ def test_finite_step_passes() -> None:
     loss = backward(model, 1.0)
     norm = grad_norm(model)
     assert norm is not None and norm > 0
-    assert float(nonfinite_flag(loss, model)) == 0.0
+    assert not nonfinite_grads(model, loss.device)
     assert check_finite(float(loss), norm, 1, skip=False)
 
 
@@ -63,14 +64,14 @@ def test_nan_gradients_are_flagged() -> None:
     model, _ = tiny()
     loss = backward(model, math.nan)
     assert math.isnan(float(loss))
-    assert float(nonfinite_flag(loss, model)) == 1.0
+    assert nonfinite_grads(model, loss.device)
     norm = grad_norm(model)
     assert norm is not None and not math.isfinite(norm)
     # Finite loss, poisoned gradient (e.g. an overflow in one layer's backward).
     model, _ = tiny()
     loss = backward(model, 1.0)
     next(model.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
-    assert float(nonfinite_flag(loss, model)) == 1.0
+    assert nonfinite_grads(model, loss.device)
 
 
 def test_skip_leaves_weights_and_optimizer_state_untouched() -> None:
@@ -169,3 +170,81 @@ def test_nan_step_is_skipped_and_counted(tmp_path: Path, shared_cache: Path) -> 
     assert all(math.isfinite(v) for v in loss.values())
     (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
     finite_checkpoint(run_dir, 8)
+
+
+class _Engine:
+    """What StepGuard uses of a DeepSpeed engine after backward: its module's gradients, its
+    device, its optimizer, and (ZeRO 1/2) the norm its step reports, a Python inf after an
+    overflow."""
+
+    def __init__(self, norm_after_step: Any) -> None:
+        self.module, self.optimizer = tiny()
+        self.device, self.norm, self.steps = torch.device("cpu"), None, 0
+        self.norm_after_step = norm_after_step
+
+    def step(self) -> None:
+        self.steps += 1
+        self.optimizer.step()
+        self.norm = self.norm_after_step
+
+    def get_global_grad_norm(self) -> Any:
+        return self.norm
+
+
+@pytest.mark.parametrize(("precision", "fault"), [("fp32", True), ("bf16", True), ("fp16", False)])
+def test_gradient_overflow_is_a_fault_except_under_fp16_loss_scaling(
+    precision: str, fault: bool
+) -> None:
+    """An inf gradient with a finite loss: a fault in fp32/bf16 (ZeRO 0: flagged before the
+    step; ZeRO 2: ZeRO's own skip reported as inf), DeepSpeed's loss-scale business in fp16
+    (the step runs, so its scaler sees the overflow and backs off; nothing is skipped here)."""
+    eng0, eng2 = _Engine(None), _Engine(math.inf)
+    for eng in (eng0, eng2):
+        loss = backward(eng.module, 1.0)
+        next(eng.module.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
+    zero0 = StepGuard(skip=True, zero_stage=0, precision=precision)
+    loss_bad, grad_bad = (bool(x) for x in zero0.local_flags(eng0, loss.detach()))
+    assert not loss_bad and grad_bad == fault
+    assert zero0.apply(eng0, loss_bad, grad_bad, 5) is not fault
+    assert zero0.metrics()["train/skipped_steps"] == float(fault)
+    zero2 = StepGuard(skip=False, zero_stage=2, precision=precision)
+    flags = [bool(x) for x in zero2.local_flags(eng2, loss.detach())]
+    assert flags == [False, False]  # ZeRO 1/2 gradients are checked by ZeRO's step
+    if fault:
+        with pytest.raises(NonFiniteError, match="step 5: grad norm=inf"):
+            zero2.apply(eng2, *flags, 5)
+    else:
+        assert zero2.apply(eng2, *flags, 5)
+    assert eng2.steps == 1  # the step ran: fp16's scaler needs it to see the overflow
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_nonfinite_loss_is_a_fault_in_every_precision(precision: str) -> None:
+    eng = _Engine(None)
+    loss = backward(eng.module, 1.0)
+    guard = StepGuard(skip=False, zero_stage=0, precision=precision)
+    loss_bad, grad_bad = (bool(x) for x in guard.local_flags(eng, loss.detach() * math.nan))
+    assert loss_bad
+    with pytest.raises(NonFiniteError, match="step 2: loss=nan"):
+        guard.apply(eng, loss_bad, grad_bad, 2)
+    assert eng.steps == 0  # stopped before the weights changed
+
+
+@pytest.mark.slow
+def test_fp16_run_survives_loss_scale_overflows(tmp_path: Path, shared_cache: Path) -> None:
+    """fp16 (ZeRO-2) with the dynamic loss scale starting at 2**20: fp16 gradients overflow
+    until DeepSpeed, skipping each such step, has halved the scale enough; the run then trains
+    normally and ends with a finite loss."""
+    overrides = ("model=tiny_dense", "zero=stage2", "cluster.nproc_per_node=1")
+    steps = ("train.precision=fp16", "train.steps=16", "train.fp16_initial_scale_power=20")
+    proc = run_launcher(tmp_path, shared_cache, *FAULT, *overrides, *steps)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    client, run = the_run(tmp_path)
+    metric = {
+        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        for key in ("train/overflow_steps", "train/loss_scale", "train/loss", "train/skipped_steps")
+    }
+    assert 3 <= metric["train/overflow_steps"][-1] < 12, metric
+    assert metric["train/loss_scale"][-1] < 2.0**20, metric
+    assert len(metric["train/loss"]) == 16 and all(map(math.isfinite, metric["train/loss"]))
+    assert metric["train/skipped_steps"][-1] == 0.0  # overflows are not moelab's skips

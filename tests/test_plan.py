@@ -8,6 +8,8 @@ import sys
 
 from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, ep_layout
+from launcher.validate import validate
+from moelab.telemetry.perf import Peak, table_peak
 
 
 def plan_cli(*overrides: str) -> subprocess.CompletedProcess[str]:
@@ -50,3 +52,13 @@ def test_dense_plan_has_no_experts() -> None:
     plan = build_plan(to_schema(compose_config(["model=tiny_dense", "parallel=ep2"])))
     assert plan["params_total"] == plan["params_active"]
     assert plan["ep_layout"]["ep_size"] == 1 and plan["moe_layers"] == []
+
+
+def test_serving_view_reads_the_telemetry_table() -> None:
+    """plan.device takes every key of the one table, with the figures MFU uses."""
+    cfg = to_schema(compose_config(["model=tiny_dense", "plan.device=h200-nvl"]))
+    validate(cfg, planning=True)
+    inf = build_plan(cfg)["inference"]
+    assert inf["device"] == "NVIDIA H200 NVL" and inf["hbm_tb_s"] == 4.8
+    assert inf["peak_tflops"] == 835.5
+    assert table_peak("NVIDIA H200 NVL", "bf16") == Peak(835.5, "table:h200-nvl:bf16")

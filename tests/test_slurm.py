@@ -276,3 +276,63 @@ def test_checked_against_the_cluster(slurm: SlurmCluster, monkeypatch: pytest.Mo
     assert "cluster.nodes=3 exceeds the 2 nodes of partition debug" in error("cluster.nodes=3")
     monkeypatch.setenv("PATH", "/nonexistent")
     assert "needs Slurm's sbatch on the PATH" in error()
+
+
+# --- each node prepares its data, and its ranks get the GPUs Slurm gave the node -----------
+
+
+def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
+    """job.sbatch prepares the data on every node before deepspeed; a node whose Slurm
+    CUDA_VISIBLE_DEVICES is 2,3 hands its ranks devices 2 and 3 (DeepSpeed's own hostfile and
+    --include parsing reads the arguments), the other node keeps its count."""
+    from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
+
+    from launcher.render import render
+    from launcher.slurm import node_args
+
+    cfg = to_schema(compose_config([*SLURM, *MOE, "cluster.gpus_per_node=2"]))
+    validate(cfg)
+    render(cfg, tmp_path)
+    step = next(ln for ln in (tmp_path / "job.sbatch").read_text().splitlines() if "srun " in ln)
+    assert (
+        f"python -m moelab.data --config {tmp_path}/config.yaml && exec python -m launcher.slurm "
+        f"node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
+    ) in step
+    hostfile = tmp_path / "hostfile.slurm"  # what the job writes from its node list
+    hostfile.write_text("n1 slots=2\nn2 slots=2\n")
+    assert node_args(hostfile, 1, None) == [f"--hostfile={hostfile}"]  # no GPUs: as before
+    args = dict(a.removeprefix("--").split("=", 1) for a in node_args(hostfile, 1, "2,3"))
+    pool = fetch_hostfile(args["hostfile"])
+    assert parse_inclusion_exclusion(pool, args["include"], "") == {"n1": [0, 1], "n2": [2, 3]}
+    with pytest.raises(ConfigError, match="node n2 has CUDA_VISIBLE_DEVICES=5, not 2 GPU"):
+        node_args(hostfile, 1, "5")
+
+
+SHOW_RANK = """
+import os
+print(f"rank {os.environ['RANK']} local {os.environ['LOCAL_RANK']} "
+      f"devices {os.environ['CUDA_VISIBLE_DEVICES']}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
+    """The real per-node chain on node 1 of two (no Slurm needed): `launcher.slurm node` then
+    DeepSpeed's runner and per-node launcher start 2 ranks that see CUDA_VISIBLE_DEVICES=2,3,
+    what Slurm set for the node, where DeepSpeed alone would set 0,1."""
+    from helpers import REPO, free_port
+
+    (tmp_path / "hostfile.slurm").write_text("n1 slots=2\nn2 slots=2\n")
+    (tmp_path / "show.py").write_text(SHOW_RANK)
+    env = launcher_env(tmp_path, tmp_path / "cache") | {
+        "SLURM_NODEID": "1", "CUDA_VISIBLE_DEVICES": "2,3", "PYTHONPATH": str(REPO),
+    }  # fmt: skip
+    node = [sys.executable, "-m", "launcher.slurm", "node", str(tmp_path / "hostfile.slurm")]
+    deepspeed = ["deepspeed", "--no_ssh", f"--master_port={free_port()}", "--node_rank=1"]
+    rest = ["--master_addr=127.0.0.1", "--no_local_rank", str(tmp_path / "show.py")]
+    proc = subprocess.run(
+        [*node, *deepspeed, *rest], env=env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "rank 2 local 0 devices 2,3" in out and "rank 3 local 1 devices 2,3" in out, out

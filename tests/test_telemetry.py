@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from conftest import VariantSweep
+from moelab import moe as moe_layers
 from moelab.config import MoEConfig
 from moelab.telemetry import perf
 from moelab.telemetry.moe import (
@@ -19,6 +22,8 @@ from moelab.telemetry.moe import (
     max_over_mean,
     router_entropy,
 )
+
+CPU = torch.device("cpu")
 
 
 def test_load_cv_and_max_over_mean() -> None:
@@ -46,12 +51,67 @@ def test_router_entropy() -> None:
 
 
 def test_peak_table_dense_figures() -> None:
-    assert perf.table_peak("NVIDIA H100 80GB HBM3", "bf16") == perf.Peak(989.4, "table:H100:bf16")
+    assert perf.table_peak("NVIDIA H100 80GB HBM3", "bf16") == perf.Peak(989.4, "table:h100:bf16")
     assert perf.table_peak("NVIDIA H100 PCIe", "bf16").tflops == 756.0  # type: ignore[union-attr]
     assert perf.table_peak("NVIDIA H200", "fp32").tflops == 66.9  # type: ignore[union-attr]
     assert perf.table_peak("NVIDIA A100-SXM4-80GB", "fp32").tflops == 19.5  # type: ignore[union-attr]
     assert perf.table_peak("NVIDIA A40", "bf16").tflops == 149.7  # type: ignore[union-attr]
     assert perf.table_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+
+
+# torch.cuda.get_device_name() strings, the table key each must find, dense bf16 / fp32 peaks.
+DEVICE_NAMES = [
+    ("NVIDIA H100 80GB HBM3", "h100", 989.4, 66.9),
+    ("NVIDIA H100 PCIe", "h100-pcie", 756.0, 51.2),
+    ("NVIDIA H100 NVL", "h100-nvl", 835.5, 60.0),
+    ("NVIDIA H200", "h200", 989.4, 66.9),
+    ("NVIDIA H200 NVL", "h200-nvl", 835.5, 60.0),
+    ("NVIDIA H800", "h800", 989.4, 66.9),
+    ("NVIDIA H800 PCIe", "h800-pcie", 756.0, 51.2),
+    ("NVIDIA A100-SXM4-80GB", "a100", 312.0, 19.5),
+    ("NVIDIA A100 80GB PCIe", "a100", 312.0, 19.5),
+    ("NVIDIA A800-SXM4-80GB", "a800", 312.0, 19.5),
+    ("NVIDIA A800 40GB Active", "a800", 312.0, 19.5),
+    ("NVIDIA L40S", "l40s", 362.05, 91.6),
+    ("NVIDIA L4", "l4", 121.0, 30.3),
+    ("NVIDIA A10", "a10", 125.0, 31.2),
+    ("NVIDIA RTX A6000", "a6000", 154.8, 38.7),
+    ("NVIDIA A40", "a40", 149.7, 37.4),
+]
+
+
+@pytest.mark.parametrize(("name", "key", "bf16", "fp32"), DEVICE_NAMES)
+def test_every_table_entry_matches_its_device_name(
+    name: str, key: str, bf16: float, fp32: float
+) -> None:
+    assert perf.table_peak(name, "bf16") == perf.Peak(bf16, f"table:{key}:bf16")
+    assert perf.table_peak(name, "fp16") == perf.Peak(bf16, f"table:{key}:fp16")
+    assert perf.table_peak(name, "fp32") == perf.Peak(fp32, f"table:{key}:fp32")
+
+
+def test_device_names_cover_the_table_and_match_no_lookalike() -> None:
+    from moelab.devices import DEVICES
+
+    assert {key for _, key, _, _ in DEVICE_NAMES} == set(DEVICES)
+    # Tokens, not substrings: none of these is a table entry (A10G is not an A10, L40 not L40S).
+    lookalikes = ("NVIDIA A10G", "NVIDIA L40", "NVIDIA RTX 6000 Ada Generation", "NVIDIA GH200")
+    for name in (*lookalikes, "NVIDIA H100 80GB HBM3 MIG 1g.10gb"):  # a slice: a fraction
+        assert perf.table_peak(name, "bf16") is None, name
+
+
+def test_unknown_gpu_is_measured_on_its_device_and_cached_by_name(tmp_path: Path) -> None:
+    """The measurement runs on the device it is given (here the CPU, for a made-up GPU name)."""
+    cache = tmp_path / "peak.json"
+    name = "NVIDIA Imaginary X1"
+    first = perf.gpu_peak(name, "fp32", cache, device="cpu", n=256)
+    again = perf.gpu_peak(name, "fp32", cache, device="cpu", n=256)
+    assert first.source == f"measured:cuda-matmul:{name}|fp32" and first.tflops > 0
+    assert again == perf.Peak(first.tflops, f"cached:cuda-matmul:{name}|fp32")
+    # Keyed by the GPU's name only: the CPU-model fallback (cpu_peak) was not used.
+    assert json.loads(cache.read_text()) == {f"{name}|fp32": first.tflops}
+    known = perf.gpu_peak("NVIDIA H200", "bf16", cache, device="cpu", n=256)
+    assert known == perf.Peak(989.4, "table:h200:bf16")
+    assert json.loads(cache.read_text()) == {f"{name}|fp32": first.tflops}
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path: Path) -> None:
@@ -67,16 +127,17 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path: Path) -> None:
 
 def _window(model: torch.nn.Module, cfg: MoEConfig, steps: int = 3) -> dict[str, float]:
     """Train-mode forwards of one window through MoeTelemetry, metrics as on one rank."""
-    tel = MoeTelemetry(model, cfg, tokens_per_forward=4 * 32, ep_size=1)
+    tel = MoeTelemetry(model, cfg, tokens_per_forward=4 * 32, ep_size=1, device=CPU)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        tel.set_timing(step == steps)  # the window's last step is the sampled one
         ids = torch.randint(0, 500, (4, 32), generator=gen)
         out = model(ids, labels=ids)
         out.loss.backward()
         tel.on_micro_step(out.exp_counts)
-        tel.on_step()
-    m = tel.metrics(tel.vector().unsqueeze(0), steps, step_ms=1000.0)
+        tel.on_step(1000.0)
+    m = tel.metrics(tel.vector().unsqueeze(0))
     tel.close()
     shares = m.pop("_shares")
     assert torch.allclose(shares.sum(-1), torch.ones(shares.shape[0], dtype=shares.dtype))
@@ -115,12 +176,13 @@ def test_eval_forwards_are_not_counted() -> None:
 
     cfg = compose_model("tiny_moe_top2")
     model = build_model(cfg)
-    tel = MoeTelemetry(model, cfg.moe, tokens_per_forward=64, ep_size=1)
+    tel = MoeTelemetry(model, cfg.moe, tokens_per_forward=64, ep_size=1, device=CPU)
+    tel.set_timing(True)
     model.eval()
     with torch.no_grad():
         model(torch.randint(0, 500, (2, 32)))
-    tel.on_step()
-    m = tel.metrics(tel.vector().unsqueeze(0), 1, step_ms=1.0)
+    tel.on_step(1.0)
+    m = tel.metrics(tel.vector().unsqueeze(0))
     assert m["moe/layer_0/gate_ms"] == 0.0 and m["moe/layer_0/router_entropy"] == 0.0
     tel.close()
 
@@ -142,7 +204,6 @@ def test_two_rank_launch_logs_telemetry(tmp_path: Path, variant_sweep: VariantSw
     assert float(tags["perf.peak_tflops"]) > 0 and tags["perf.peak_source"]
     assert 0 < m["moe/a2a_fraction"] < 1 and m["moe/a2a_ms"] > 0 and m["moe/a2a_bwd_ms"] > 0
     assert m["moe/a2a_bytes"] > 0 and m["moe/a2a_gbps"] > 0
-    assert m["moe/dead_experts"] >= 0
     # One window = 2 steps x 2 ranks x 4 sequences x 128 tokens, routed to top-2 experts.
     window_tokens = 2 * 2 * 4 * 128
     for i in range(2):
@@ -159,6 +220,14 @@ def test_two_rank_launch_logs_telemetry(tmp_path: Path, variant_sweep: VariantSw
     for pkg in ("torch", "deepspeed", "transformers", "mlflow"):
         assert tags[f"version.{pkg}"]
     assert tags["hostnames"] and "world=2" in tags["layout"]
+    # Where it ran, as a GPU run would say it: cuda / nccl / torch.optim.adamw.AdamW(fused).
+    assert (tags["device"], tags["device_name"], tags["accelerator"]) == ("cpu", "cpu", "cpu")
+    assert (tags["dist_backend"], tags["params_device"]) == ("gloo", "cpu")
+    assert tags["moelab.optimizer"] == "torch.optim.adamw.AdamW"
+    # MoE timers ran on one sampled step per 2-step window (its logging step), no more.
+    timed = client.get_metric_history(rid, "moe/timed_steps")
+    assert [(x.step, x.value) for x in timed] == [(s, 1.0) for s in range(2, 17, 2)]
+    assert "sampled every 2 steps" in tags["telemetry.moe_timers"]
     assert any(k.startswith("system/") for k in m), sorted(m)
     names = {a.path for a in client.list_artifacts(rid, "plots")}
     assert {
@@ -184,3 +253,44 @@ def test_comms_profile_adds_comms_logger_to_ds_config() -> None:
         "prof_all": True,
         "verbose": False,
     }
+
+
+def test_moe_timers_run_only_on_sampled_steps_and_feed_the_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DeepSpeed's timer reads (`Timer.elapsed`: a device sync on a GPU) happen on sampled
+    steps only, and the logged per-step times are the sampled step's own."""
+    from deepspeed.utils.timer import SynchronizedWallClockTimer
+    from test_models import compose_model
+
+    from moelab.models import build_model
+
+    reads: list[str] = []
+    real_elapsed = SynchronizedWallClockTimer.Timer.elapsed
+
+    def elapsed(timer: Any, reset: bool = True) -> float:
+        reads.append(timer.name_)
+        return real_elapsed(timer, reset)
+
+    monkeypatch.setattr(SynchronizedWallClockTimer.Timer, "elapsed", elapsed)
+    cfg = compose_model("tiny_moe_top2")
+    model = build_model(cfg).train()
+    tel = MoeTelemetry(model, cfg.moe, tokens_per_forward=64, ep_size=1, device=CPU)
+    per_step: list[int] = []
+    for step in range(1, 5):
+        tel.set_timing(step == 4)
+        before = len(reads)
+        ids = torch.randint(0, 500, (2, 32))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        tel.on_micro_step(out.exp_counts)
+        tel.on_step(1000.0)
+        per_step.append(len(reads) - before)
+        if step < 4:  # an unsampled step left nothing in the timers
+            left = moe_layers.read_and_reset_moe_timers(model)
+            assert all(v == 0.0 for ms in left.values() for v in ms.values())
+    assert per_step[:3] == [0, 0, 0] and per_step[3] > 0
+    m = tel.metrics(tel.vector().unsqueeze(0))
+    assert m["moe/timed_steps"] == 1.0
+    assert m["moe/layer_0/gate_ms"] > 0 and m["moe/layer_0/expert_ms"] > 0
+    tel.close()

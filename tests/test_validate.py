@@ -80,6 +80,9 @@ BAD = [
     (["model=tiny_moe_top2", "model.moe.z_loss_coeff=-1"], "z_loss_coeff=-1.0 must be 0 or more"),
     (["model=tiny_moe_top2", "model.moe.granularity=0"], "model.moe.granularity=0 must be at"),
     (["model=tiny_dense", "train.trainable=router"], "train.trainable=router needs an MoE model"),
+    (["train.precision=fp16"], "train.precision=fp16 needs zero.stage 1 or 2"),
+    (["train.fp16_initial_scale_power=-1"], "fp16_initial_scale_power=-1 must be between 0"),
+    (["telemetry.moe_timing_every=-1"], "telemetry.moe_timing_every=-1 must be at least 0"),
 ]
 
 
@@ -153,3 +156,50 @@ def test_cli_rejects_before_launch(
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
     assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for a rejected config"
+
+
+def one_sentence(err: pytest.ExceptionInfo[ConfigError]) -> str:
+    text = str(err.value)
+    assert text.count(". ") == 0 and text.endswith("."), f"not one sentence: {text}"
+    return text
+
+
+def test_timeout_minutes_must_be_positive() -> None:
+    assert to_schema(compose_config()).cluster.timeout_minutes == 30
+    for bad in (0, -5):
+        with pytest.raises(ConfigError) as err:
+            validate(to_schema(compose_config([f"cluster.timeout_minutes={bad}"])))
+        assert f"cluster.timeout_minutes={bad} must be positive" in one_sentence(err)
+
+
+def test_local_ranks_must_fit_the_visible_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a 4-GPU host (a stand-in nvidia-smi) with CUDA_VISIBLE_DEVICES=2,3: 2 ranks by
+    default, 3 asked for is refused, and ids that are not GPU indices are refused."""
+    import os
+
+    from launcher import gpus
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H200"; done\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    gpus._smi_gpu_count.cache_clear()
+    try:
+        cfg = to_schema(compose_config())
+        assert cfg.cluster.nproc_per_node == 2
+        validate(cfg)
+        with pytest.raises(ConfigError) as err:
+            validate(to_schema(compose_config(["cluster.nproc_per_node=3"])))
+        assert "cluster.nproc_per_node=3 exceeds the 2 GPUs of CUDA_VISIBLE_DEVICES=2,3" in (
+            one_sentence(err)
+        )
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,GPU-5f2e")
+        with pytest.raises(ConfigError) as err:
+            validate(to_schema(compose_config(["cluster.nproc_per_node=1"])))
+        assert "CUDA_VISIBLE_DEVICES=1,GPU-5f2e names GPU-5f2e" in one_sentence(err)
+    finally:
+        gpus._smi_gpu_count.cache_clear()

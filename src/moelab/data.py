@@ -1,9 +1,11 @@
 """Corpus -> tokenizer -> packed blocks, cached on disk, and the per-rank data loaders.
 
-`prepare_data` runs once per node (local rank 0): it loads the documents with `datasets`,
-holds out `val_fraction` of them, trains (or fetches) the tokenizer, tokenizes and packs
-the documents into `seq_len`-token blocks and saves the train/validation `DatasetDict`.
-Every rank then calls `load_prepared` (cache only) and `build_loader`.
+`prepare_data` runs before any rank starts, on every host whose ranks read the cache:
+`python -m moelab.data --config <run dir>/config.yaml` (the launcher runs it on the head
+node; per-node scripts run it on theirs). It loads the documents with `datasets`, holds out
+`val_fraction` of them, trains (or fetches) the tokenizer, tokenizes and packs the documents
+into `seq_len`-token blocks and saves the train/validation `DatasetDict`. Every rank then
+calls `load_prepared` (cache only, never builds) and `build_loader`.
 
 Cache layout under `DataConfig.cache_dir`:
 
@@ -17,6 +19,7 @@ cache. The keys hash every setting that changes the result.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -25,7 +28,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from moelab.config import DATA_SOURCES, DataConfig
+from moelab.config import DATA_SOURCES, DataConfig, MoelabConfig, load_config
 
 EOS_TOKEN = "<|endoftext|>"
 FORMAT_VERSION = 1
@@ -434,8 +439,14 @@ def build_loader(
     # Its own generator: starting an epoch draws a seed from it, not from the global RNG that
     # MoE gating noise uses (a resumed run restarts the epoch and would shift that stream).
     generator = torch.Generator().manual_seed(seed)
+    # Pinned batches let the rank copy them to a GPU without waiting for its queue to drain.
     return DataLoader(
-        blocks, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator
+        blocks,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -447,3 +458,45 @@ def infinite_batches(loader: DataLoader[Any]) -> Iterator[dict[str, torch.Tensor
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         yield from loader
+
+
+# ---------------------------------------------------------------- before the ranks start
+
+
+def prepare_run(cfg: MoelabConfig) -> PreparedData:
+    """Tokenize and cache the corpus; fail with one sentence if it cannot feed this run."""
+    prepared = prepare_data(cfg.data)
+    if prepared.vocab_size > cfg.model.padded_vocab_size:
+        check_vocab(load_prepared(cfg.data)[1], cfg.model.padded_vocab_size)
+    ensure_enough(prepared, cfg.train.micro_batch_size, cfg.world_size)
+    return prepared
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m moelab.data --config <run dir>/config.yaml [-- command ...]: prepare the run's
+    data on this host, then exec `command` (a node's deepspeed) if one is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description="prepare a run's data before its ranks start")
+    parser.add_argument("--config", required=True, help="resolved config.yaml of the run")
+    cfg = load_config(parser.parse_args(argv[:cut]).config)
+    print(f"moelab: preparing data ({cfg.data.source}) in {cfg.data.cache_dir}", flush=True)
+    start = time.perf_counter()
+    try:
+        p = prepare_run(cfg)
+    except ValueError as err:
+        print(f"moelab: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    how = "from the cache" if p.from_cache else "tokenized"
+    print(
+        f"moelab: data ready ({how}, {time.perf_counter() - start:.1f} s): "
+        f"{p.num_train_blocks} train and {p.num_val_blocks} validation blocks of {p.seq_len} "
+        "tokens",
+        flush=True,
+    )
+    if argv[cut + 1 :]:
+        os.execvp(argv[cut + 1], argv[cut + 1 :])
+
+
+if __name__ == "__main__":
+    main()

@@ -8,17 +8,17 @@ deepspeed lazily and runs on the ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from moelab.config import MoelabConfig
 
 if TYPE_CHECKING:
     import torch
-
-T = TypeVar("T")
 
 
 def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
@@ -62,7 +62,10 @@ def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
         "zero_optimization": zero,
         # check_grad_overflow: ZeRO 1/2 then skip a bf16 update whose gradient norm is NaN/inf.
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": t.precision == "fp16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "initial_scale_power": t.fp16_initial_scale_power,
+        },
         # Engine-wide timers sync every micro-step; moelab turns on only the MoE layers' own.
         "wall_clock_breakdown": False,
     }
@@ -101,15 +104,25 @@ def set_threads(threads_per_rank: int, local_world_size: int) -> int:
     return n
 
 
-def init_distributed(ep_size: int) -> DistInfo:
-    """Initialise torch.distributed the DeepSpeed way (gloo on CPU, NCCL on GPUs)."""
+def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
+    """Initialise torch.distributed the DeepSpeed way (gloo on CPU, NCCL on GPUs); a collective
+    that waits longer than `timeout_minutes` on a peer fails instead of hanging."""
     import deepspeed
 
-    deepspeed.init_distributed()
+    timeout = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(timeout=timeout)
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    # Groups made later (DeepSpeed's expert-parallel ones) get torch's default, not the world's.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
 
     dist.barrier()  # every rank has mapped the others' shared-memory buffers
     unlink_shm_buffer(dist.get_rank())
+    if dist.get_rank() == 0:
+        got = process_group_timeout()
+        shown = f"{got.total_seconds() / 60:g}" if got else f"{timeout_minutes} (requested)"
+        print(f"moelab: process-group timeout {shown} min", flush=True)
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return DistInfo(
         rank=dist.get_rank(),
@@ -138,21 +151,30 @@ def barrier() -> None:
     dist.barrier()
 
 
-def once_per_node(info: DistInfo, fn: Callable[[], T]) -> None:
-    """Run `fn` on local rank 0 of every node while the others wait (e.g. data caching)."""
-    if info.local_rank == 0:
-        fn()
-    barrier()
-
-
-def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean of each value over all ranks (one collective for the whole list)."""
-    import torch
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks of a tensor on the engine's device (one collective, no host read)."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    out = values.double()  # a copy: the caller's tensor is left as it was
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """Each 0/1 flag ORed over all ranks, in place: one MAX all-reduce on the flags' device.
+    The training loop's only per-step collective: it folds every per-step decision into it."""
+    import torch.distributed as dist
+
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, whose ops finish before they return)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
@@ -163,14 +185,75 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     (requires_grad False) are left out of the optimizer: they get no optimizer state.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     hide = ds_config["zero_optimization"]["stage"] in (1, 2) and experts_all_frozen(model)
+    ds_config = pick_optimizer(ds_config, get_accelerator().device_name())
     with zero_optimizer_without_moe() if hide else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=ds_config
         )
     return engine
+
+
+def pick_optimizer(
+    ds_config: dict[str, Any], device_type: str, cpu_adam: Callable[[], bool] | None = None
+) -> dict[str, Any]:
+    """ds_config with the AdamW implementation for this rank's device (a copy).
+
+    The launcher renders torch's AdamW (`torch_adam`), which runs anywhere. On a GPU it becomes
+    torch's fused AdamW (one kernel per step, no op to build). With optimizer offload it
+    becomes DeepSpeedCPUAdam (DeepSpeed's choice when `torch_adam` is off) if that op builds
+    here; torch's AdamW would be a slow Python loop over CPU tensors.
+    """
+    out = json.loads(json.dumps(ds_config))
+    params = out["optimizer"]["params"]
+    if "offload_optimizer" in out["zero_optimization"]:
+        params["torch_adam"] = not (cpu_adam or cpu_adam_builds)()
+    elif device_type == "cuda":
+        params["fused"] = True
+    return out
+
+
+def cpu_adam_builds() -> bool:
+    """Whether DeepSpeed's CPU Adam op is prebuilt or JIT-compiles here (cached once built)."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        builder = CPUAdamBuilder()
+        if not builder.is_compatible(verbose=False):
+            return False
+        builder.load(verbose=False)
+    except Exception:  # any build failure (no compiler, no headers) means: use torch's
+        return False
+    return True
+
+
+def optimizer_name(ds_engine: Any) -> str:
+    """The optimizer class DeepSpeed built, e.g. `torch.optim.adamw.AdamW(fused)`."""
+    opt = getattr(ds_engine, "basic_optimizer", None) or ds_engine.optimizer
+    cls = type(opt)
+    fused = bool(getattr(opt, "defaults", {}).get("fused"))
+    return f"{cls.__module__}.{cls.__qualname__}" + ("(fused)" if fused else "")
+
+
+def run_tags(ds_engine: Any) -> dict[str, str]:
+    """Where this rank ran: device, DeepSpeed accelerator, process-group backend, optimizer."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(ds_engine.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "accelerator": get_accelerator().device_name(),
+        "dist_backend": str(dist.get_backend()),
+        "params_device": str(next(ds_engine.module.parameters()).device),
+        "moelab.optimizer": optimizer_name(ds_engine),
+    }
 
 
 def experts_all_frozen(model: torch.nn.Module) -> bool:
@@ -218,3 +301,25 @@ def expert_ranks_check(info: DistInfo) -> None:
 
     got = groups._get_expert_parallel_rank(f"ep_size_{info.ep_size}")
     assert got == info.ep_rank, f"ep rank {got} != {info.ep_rank}"
+
+
+def process_group_timeout() -> timedelta | None:
+    """The default process group's collective timeout, read back from its backend (None where
+    this torch keeps it elsewhere)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    try:
+        timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def set_matmul_precision(allow_tf32: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (Ampere+ GPUs; CPU matmuls are unaffected)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32

@@ -7,21 +7,17 @@ already reached the weights and the Adam moments. So the loop checks at the grad
 accumulation boundary, after `engine.backward()` (gradients are all-reduced there under
 ZeRO 0) and before `engine.step()`:
 
-    bad = guard.nonfinite_flag(loss, ds_engine.module)   # loss and local gradients
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)           # every rank decides alike
-    if nf.check(loss_value, math.inf if bad else None, step):  # raises, or False: skip
-        ds_engine.step()
-    else:
-        with skip_update(ds_engine):
-            ds_engine.step()
+    flags = guard.local_flags(ds_engine, loss_sum)   # (2,) on the device: loss, local grads
+    loss_bad, grad_bad, ... = engine.any_rank(...)  # the loop's one all-reduce per step
+    guard.apply(ds_engine, loss_bad, grad_bad, step)  # step, skip, or NonFiniteError
 
 What "skip" means precisely: the step's gradients are discarded and the optimizer does not
 run (weights, Adam moments and Adam's step count stay as they were), but DeepSpeed's own
 counters (micro/global steps) and the LR schedule still advance, so the step number, data
 order and schedule stay aligned with an unskipped run; the skipped step is counted in
 `train/skipped_steps`. Under ZeRO 1/2 the gradients live in the optimizer's partitions
-rather than `param.grad`; there the loss check still applies and the gradient check falls
-back to `engine.get_global_grad_norm()` of the previous step.
+rather than `param.grad`; there the loss check still applies and the gradient check is
+ZeRO's own (`engine.get_global_grad_norm()` is `inf` after a step it skipped).
 """
 
 from __future__ import annotations
@@ -80,14 +76,6 @@ def grad_norm(module: torch.nn.Module) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0))
 
 
-def nonfinite_flag(loss: torch.Tensor | float, module: torch.nn.Module) -> torch.Tensor:
-    """1.0 if the loss or any local gradient is NaN/inf, else 0.0 (all-reduce it with MAX)."""
-    bad = not math.isfinite(float(loss))
-    norm = grad_norm(module)
-    bad = bad or (norm is not None and not math.isfinite(norm))
-    return torch.tensor(float(bad))
-
-
 @contextmanager
 def skip_update(ds_engine: Any) -> Iterator[None]:
     """Within it, `ds_engine.step()` discards the gradients instead of applying them."""
@@ -112,15 +100,21 @@ class StepGuard:
     """The training loop's non-finite policy at the gradient-accumulation boundary.
 
     Before the update, every rank learns whether any rank's loss (and, under ZeRO 0, any
-    local gradient) is not finite. Then: stop (NonFiniteError, before the weights change) or,
-    with `skip`, discard the update. ZeRO 1/2 discard it themselves: their step finds the
-    non-finite gradient norm (fp32; bf16 with `check_grad_overflow`) and leaves the weights
-    alone, reporting an infinite norm, which also catches gradients that overflow on their own.
+    local gradient) is not finite: `local_flags` builds this rank's flags on the engine's
+    device and the loop ORs them over all ranks in its one per-step all-reduce. Then `apply`
+    stops (NonFiniteError, before the weights change), or with `skip` discards the update.
+    ZeRO 1/2 discard it themselves: their step finds the non-finite gradient norm (fp32; bf16
+    with `check_grad_overflow`), leaves the weights alone and reports the norm as a Python
+    `inf`, which also catches gradients that overflow on their own.
+
+    fp16 is different: gradients that overflow the dynamic loss scale are DeepSpeed's normal
+    business (it skips the step and halves the scale), so only a non-finite loss is a fault.
     """
 
-    def __init__(self, skip: bool, zero_stage: int, inject_at: int = 0) -> None:
+    def __init__(self, skip: bool, zero_stage: int, precision: str, inject_at: int = 0) -> None:
         self.guard = NonFiniteGuard(skip)
         self.zero_stage = zero_stage
+        self.grads_are_faults = precision != "fp16"
         self.inject_at = inject_at
 
     def inject(self, out: Any, step: int) -> Any:
@@ -129,35 +123,43 @@ class StepGuard:
             out.loss = out.loss * float("nan")
         return out
 
-    def step(self, ds_engine: Any, losses: list[float], step: int) -> bool:
-        """`ds_engine.step()` at the boundary; False if the update was skipped."""
-        import torch.distributed as dist
+    def local_flags(self, ds_engine: Any, loss_sum: torch.Tensor) -> torch.Tensor:
+        """(2,) on the engine's device: [this rank's loss is not finite, a local gradient is
+        not finite]. No host sync: the loop all-reduces them with its other flags."""
+        loss_bad = ~torch.isfinite(loss_sum.detach().float())
+        if self.zero_stage == 0 and self.grads_are_faults:
+            grad_bad = nonfinite_grads(ds_engine.module, ds_engine.device)
+        else:  # ZeRO 1/2 partitions: checked by ZeRO's own step; fp16: the loss scaler's job
+            grad_bad = torch.zeros((), dtype=torch.bool, device=ds_engine.device)
+        return torch.stack([loss_bad, grad_bad]).to(ds_engine.device, torch.float32)
 
-        loss = sum(losses) / len(losses)
-        flags = torch.tensor(
-            [float(not math.isfinite(loss)), float(self._local_grad_bad(ds_engine))]
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank decides alike
-        loss_bad, grad_bad = bool(flags[0]), bool(flags[1])
+    def apply(self, ds_engine: Any, loss_bad: bool, grad_bad: bool, step: int) -> bool:
+        """`ds_engine.step()` given the all-reduced flags; False if the update was skipped."""
         norm = math.inf if grad_bad else None
-        if not self.guard.check(math.nan if loss_bad else loss, norm, step):
+        if not self.guard.check(math.nan if loss_bad else 0.0, norm, step):
             with skip_update(ds_engine) if self.zero_stage == 0 else _nothing():
                 ds_engine.step()
             return False
         ds_engine.step()
-        if self.zero_stage == 0:
+        if self.zero_stage == 0 or not self.grads_are_faults:
             return True
-        after = ds_engine.get_global_grad_norm()  # inf: ZeRO found an overflow and skipped
-        return self.guard.check(loss, None if after is None else float(after), step)
-
-    def _local_grad_bad(self, ds_engine: Any) -> bool:
-        if self.zero_stage != 0:
-            return False  # gradients live in ZeRO's partitions: checked by its own step
-        norm = grad_norm(ds_engine.module)
-        return norm is not None and not math.isfinite(norm)
+        # ZeRO 1/2 report an overflow as the Python float inf (no device read needed); a
+        # finite norm stays a device tensor that ZeRO itself checked.
+        after = ds_engine.get_global_grad_norm()
+        overflow = isinstance(after, float) and not math.isfinite(after)
+        return self.guard.check(0.0, math.inf if overflow else None, step)
 
     def metrics(self) -> dict[str, float]:
         return self.guard.metrics()
+
+
+def nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Bool scalar on `device`: any local `param.grad` holds a NaN/inf (no host sync)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)])
+    return ~torch.isfinite(norms).all().to(device)
 
 
 @contextmanager

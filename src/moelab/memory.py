@@ -53,34 +53,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from moelab.config import ModelConfig, MoelabConfig
+from moelab.devices import DeviceSpec
 from moelab.flops import active_matmul_params, flops_per_token
 
 GIB = 1024**3
 SERVE_BYTES = 2  # bf16 weights and KV cache for serving
 LOGITS_EXTRA_BYTES = 12  # fp32 shifted copy + fp32 log-softmax + its fp32 gradient
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """An accelerator of the serving view: dense bf16 peak and HBM bandwidth (datasheets)."""
-
-    name: str
-    peak_tflops: float
-    hbm_tb_s: float
-    memory_gb: float
-
-    @property
-    def ridge_flops_per_byte(self) -> float:
-        """FLOPs per byte read above which a kernel is compute-bound."""
-        return self.peak_tflops / self.hbm_tb_s
-
-
-DEVICES: dict[str, DeviceSpec] = {
-    "h100": DeviceSpec("NVIDIA H100 SXM", 989.0, 3.35, 80),
-    "h200": DeviceSpec("NVIDIA H200 SXM", 989.0, 4.8, 141),
-    "a100": DeviceSpec("NVIDIA A100 SXM 80GB", 312.0, 2.039, 80),
-    "a40": DeviceSpec("NVIDIA A40", 149.7, 0.696, 48),
-}
 
 
 @dataclass(frozen=True)

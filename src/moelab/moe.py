@@ -243,6 +243,7 @@ def moe_gates(model: nn.Module) -> dict[int, TopKGate]:
 class _BackwardA2A:
     """Accumulated time of the all-to-alls run by autograd in backward (all layers)."""
 
+    active: ClassVar[bool] = False  # only on sampled steps: reading the time syncs the device
     seconds: ClassVar[float] = 0.0
     events: ClassVar[list[tuple[Any, Any]]] = []  # CUDA (start, end) pairs, resolved when read
     calls: ClassVar[int] = 0
@@ -262,6 +263,8 @@ class _TimedAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:
         grad = grad_output[0]
+        if not _BackwardA2A.active:
+            return None, _ORIGINAL_A2A.apply(ctx.group, grad)
         _BackwardA2A.calls += 1
         if grad.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -276,23 +279,21 @@ class _TimedAllToAll(torch.autograd.Function):
         return None, out
 
 
-def enable_moe_timers(model: nn.Module) -> None:
-    """Turn on the MoE layers' and gates' own timers (not ds_config's engine-wide ones).
-
-    Also routes DeepSpeed's all-to-all through `_TimedAllToAll` so the backward
-    all-to-alls, which the forward timers never see, are timed too (process-wide).
-    """
-    for ffn in moe_ffns(model):
-        ffn.timing = True
-        ffn.train(ffn.training)
+def install_moe_timers() -> None:
+    """Route DeepSpeed's all-to-all through `_TimedAllToAll` (process-wide), so that the
+    backward all-to-alls, which the layers' forward timers never see, can be timed too."""
     sharded_moe._AllToAll = _TimedAllToAll
 
 
-def disable_moe_timers(model: nn.Module) -> None:
-    """Undo `enable_moe_timers` for `model`'s layers (the timed all-to-all stays installed)."""
+def set_moe_timing(model: nn.Module, on: bool) -> None:
+    """Turn the MoE layers' and gates' own timers (not ds_config's engine-wide ones) and the
+    backward all-to-all timer on or off. DeepSpeed reads its timers after every timed forward,
+    which synchronises the device: time sampled steps only."""
     for ffn in moe_ffns(model):
-        ffn.timing = False
-        ffn.train(ffn.training)
+        if ffn.timing != on:
+            ffn.timing = on
+            ffn.train(ffn.training)
+    _BackwardA2A.active = on
 
 
 def read_and_reset_moe_timers(model: nn.Module) -> dict[int, dict[str, float]]:
@@ -320,7 +321,9 @@ def _read_timer(timers: Any, name: str) -> float:
 def read_and_reset_backward_a2a_ms() -> float:
     """Milliseconds spent in backward all-to-alls (all layers) since the last read."""
     ms = _BackwardA2A.seconds * 1000.0
-    ms += sum(float(s.elapsed_time(e)) for s, e in _BackwardA2A.events)
+    for start, end in _BackwardA2A.events:
+        end.synchronize()
+        ms += float(start.elapsed_time(end))
     _BackwardA2A.seconds, _BackwardA2A.events = 0.0, []
     return ms
 

@@ -9,9 +9,8 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,85 +26,108 @@ from moelab.telemetry import Sink, make_sink
 from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
 
+LOSS_KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss")
+
 
 @dataclass
 class Window:
-    """Running sums between two metric logs."""
+    """Loss sums between two metric logs, kept on the device (read once, at the log step)."""
 
-    loss: float = 0.0
-    lm_loss: float = 0.0
-    aux_loss: float = 0.0
-    z_loss: float = 0.0
+    sums: torch.Tensor | None = None
+    """(4,) loss, lm_loss, aux_loss, z_loss summed over the micro-steps of updated steps."""
     micro_steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
-    def add(self, out: Any) -> None:
-        self.loss += float(out.loss.detach())
-        self.lm_loss += float(out.lm_loss.detach())
-        self.aux_loss += float(out.aux_loss.detach())
-        self.z_loss += float(out.z_loss.detach())
-        self.micro_steps += 1
+    def add(self, step_sums: torch.Tensor, micro_steps: int) -> None:
+        self.sums = step_sums if self.sums is None else self.sums + step_sums
+        self.micro_steps += micro_steps
+
+
+def forward_backward(
+    ds_engine: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    tel: Telemetry,
+    guard: StepGuard,
+    step: int,
+) -> torch.Tensor:
+    """The grad_accum micro-steps of one optimizer step (DeepSpeed steps itself between them;
+    the boundary step is the caller's). Returns the (4,) loss sums, detached, on the device:
+    nothing is read back to the host."""
+    sums = torch.zeros(len(LOSS_KEYS), device=ds_engine.device)
+    for _ in range(ds_engine.gradient_accumulation_steps()):
+        sums += micro_step(ds_engine, next(batches), tel, guard, step)
+        if not ds_engine.is_gradient_accumulation_boundary():
+            ds_engine.step()
+    return sums
+
+
+def micro_step(
+    ds_engine: Any, batch: dict[str, torch.Tensor], tel: Telemetry, guard: StepGuard, step: int
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch; its (4,) detached losses. The output (with its
+    B x T x V logits) is freed on return, before the next micro-step's forward."""
+    ids = batch["input_ids"].to(ds_engine.device, non_blocking=True)  # (B, T), pinned on GPUs
+    out = guard.inject(ds_engine(ids, labels=ids), step)
+    ds_engine.backward(out.loss)
+    tel.on_micro_step(out)
+    return torch.stack(
+        [x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]
+    )
 
 
 def train_step(
     ds_engine: Any,
     batches: Iterator[dict[str, torch.Tensor]],
-    window: Window,
     tel: Telemetry,
-    nonfinite: StepGuard,
+    guard: StepGuard,
+    stop: StopFlag,
     step: int,
-) -> None:
-    """One optimizer step: grad_accum micro-steps; DeepSpeed steps at the boundary, unless
-    the loss or gradients are not finite (then NonFiniteError, or a skipped update)."""
-    outs = []
-    for _ in range(ds_engine.gradient_accumulation_steps()):
-        ids = next(batches)["input_ids"].to(ds_engine.device)  # (B, T)
-        out = nonfinite.inject(ds_engine(ids, labels=ids), step)
-        ds_engine.backward(out.loss)
-        tel.on_micro_step(out)
-        outs.append(out)
-        if not ds_engine.is_gradient_accumulation_boundary():
-            ds_engine.step()
-    if nonfinite.step(ds_engine, [float(o.loss.detach()) for o in outs], step):
-        for out in outs:
-            window.add(out)
+) -> tuple[torch.Tensor | None, bool]:
+    """One optimizer step: its loss sums (None if the update was skipped) and whether any rank
+    was asked to stop. One small all-reduce decides both on every rank alike."""
+    sums = forward_backward(ds_engine, batches, tel, guard, step)
+    flags = torch.cat([guard.local_flags(ds_engine, sums[0]), stop.local(ds_engine.device)])
+    loss_bad, grad_bad, stopping = (bool(x) for x in engine.any_rank(flags).tolist())
+    updated = guard.apply(ds_engine, loss_bad, grad_bad, step)
+    return (sums if updated else None), stopping
 
 
 @torch.no_grad()
 def evaluate(ds_engine: Any, loader: Any, max_batches: int) -> dict[str, float]:
     """Mean held-out LM loss over all ranks."""
     ds_engine.eval()
-    total, n = 0.0, 0
+    total, n = torch.zeros((), device=ds_engine.device), 0
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         ids = batch["input_ids"].to(ds_engine.device)
-        total += float(ds_engine(ids, labels=ids).lm_loss)
+        total += ds_engine(ids, labels=ids).lm_loss.float()
         n += 1
     ds_engine.train()
-    (loss,) = engine.all_reduce_mean([total / max(n, 1)], ds_engine.device)
+    loss = float(engine.all_reduce_mean(total / max(n, 1)))
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
 
 def window_metrics(w: Window, ds_engine: Any) -> dict[str, float]:
     """Loss metrics of one logging window, averaged over micro-steps and ranks."""
-    if w.micro_steps == 0:  # every step of the window was skipped (alike on all ranks)
-        return {"train/lr": ds_engine.get_lr()[0]}
-    n = w.micro_steps
-    loss, lm, aux, z = engine.all_reduce_mean(
-        [w.loss / n, w.lm_loss / n, w.aux_loss / n, w.z_loss / n], ds_engine.device
-    )
+    metrics = {"train/lr": ds_engine.get_lr()[0]}
+    if w.sums is None:  # every step of the window was skipped (alike on all ranks)
+        return metrics
+    means = engine.all_reduce_mean(w.sums / w.micro_steps).tolist()
+    metrics |= dict(zip(LOSS_KEYS, means, strict=True))
     grad_norm = ds_engine.get_global_grad_norm()
-    metrics = {
-        "train/loss": loss,
-        "train/lm_loss": lm,
-        "train/aux_loss": aux,
-        "train/z_loss": z,
-        "train/lr": ds_engine.get_lr()[0],
-    }
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
-    return metrics
+    return metrics | loss_scale_metrics(ds_engine)
+
+
+def loss_scale_metrics(ds_engine: Any) -> dict[str, float]:
+    """fp16 only: DeepSpeed's dynamic loss scale and the steps it skipped on overflow."""
+    if not ds_engine.fp16_enabled():
+        return {}
+    return {
+        "train/loss_scale": float(ds_engine.optimizer.loss_scale),
+        "train/overflow_steps": float(ds_engine.skipped_steps),
+    }
 
 
 def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, params: ParamCount) -> None:
@@ -116,21 +138,15 @@ def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, params: ParamCo
     sink.log_artifact(run_dir / "ds_config.json", "config")
 
 
-def prepare(cfg: MoelabConfig, world_size: int) -> None:
-    """Tokenize and cache the corpus; fail with one sentence if it cannot feed this run."""
-    prepared = data.prepare_data(cfg.data)
-    if prepared.vocab_size > cfg.model.padded_vocab_size:
-        data.check_vocab(data.load_prepared(cfg.data)[1], cfg.model.padded_vocab_size)
-    data.ensure_enough(prepared, cfg.train.micro_batch_size, world_size)
-
-
 def run(cfg: MoelabConfig) -> None:
     """Build everything and train for cfg.train.steps optimizer steps."""
     t = cfg.train
-    info = engine.init_distributed(cfg.ep_size)
+    info = engine.init_distributed(cfg.ep_size, cfg.cluster.timeout_minutes)
     engine.set_threads(t.threads_per_rank, info.local_world_size)
-    engine.once_per_node(info, lambda: prepare(cfg, info.world_size))
+    engine.set_matmul_precision(t.allow_tf32)
+    # Prepared before any rank started (python -m moelab.data): the ranks only load the cache.
     dsets, _ = data.load_prepared(cfg.data)
+    engine.barrier()
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
     tuning = finetune.freeze(model, finetune.parse_trainable(t.trainable), info.ep_size)
@@ -140,7 +156,7 @@ def run(cfg: MoelabConfig) -> None:
     engine.expert_ranks_check(info)
     sink = make_sink(info.is_rank0, run_dir)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
-    sink.set_tags(tuning.tags())
+    sink.set_tags(tuning.tags() | engine.run_tags(ds_engine))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
     ckpt = Checkpointer(cfg, info.world_size, info.ep_size, info.rank)
     state = ckpt.load(ds_engine) or {"step": 0, "data": {"epoch": 0, "consumed": 0}}
@@ -176,21 +192,24 @@ def loop(
     state: dict[str, Any],
 ) -> None:
     """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint)."""
-    t, flag, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
-    nonfinite = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.inject_nonfinite_step)
+    t, stop, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
+    guard = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.precision, t.inject_nonfinite_step)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
     window, bar = Window(), sink.progress(t.steps, first - 1)
     for step in range(first, t.steps + 1):
-        start = time.perf_counter()
-        train_step(ds_engine, batches, window, tel, nonfinite, step)
-        tel.on_step(time.perf_counter() - start)  # train steps only: eval is not timed
+        tel.begin_step(step)
+        sums, stopping = train_step(ds_engine, batches, tel, guard, stop, step)
+        if sums is not None:
+            window.add(sums, ds_engine.gradient_accumulation_steps())
+        tel.end_step()
         bar.update(1)
-        window = log_window(tel, step, window, ds_engine, sink, bar, nonfinite)
-        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-            sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
-        stopping = flag.any_rank(ds_engine.device) or step == t.stop_after
-        if ckpt.due(step, stopping):
-            ckpt.save(ds_engine, step, batches)
+        window = log_window(tel, step, window, ds_engine, sink, bar, guard)
+        stopping = stopping or step == t.stop_after
+        with tel.untimed():  # eval and checkpoints are not training throughput
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
+            if ckpt.due(step, stopping):
+                ckpt.save(ds_engine, step, batches)
         if stopping and step < t.steps:
             sink.set_tags({"moelab.stopped_at_step": str(step)})
             break
@@ -204,13 +223,13 @@ def log_window(
     ds_engine: Any,
     sink: Sink,
     bar: Any,
-    nonfinite: StepGuard,
+    guard: StepGuard,
 ) -> Window:
     """Log the window's metrics on logging steps (collectives: all ranks); the next window."""
     metrics = tel.maybe_log(step)  # {} except on logging steps
     if not metrics:
         return window
-    metrics |= window_metrics(window, ds_engine) | nonfinite.metrics()
+    metrics |= window_metrics(window, ds_engine) | guard.metrics()
     if "train/loss" in metrics:  # not when every step of the window was skipped
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
     sink.log_metrics(metrics, step)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -140,7 +142,25 @@ def router_z_loss_sum(model: nn.Module) -> torch.Tensor | None:
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss: position t predicts labels[t + 1]; -100 is ignored."""
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    target = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
+    """Mean next-token loss: position t predicts labels[t + 1]; -100 is ignored.
+
+    Computed in fp32 one chunk of rows at a time, each chunk recomputed in backward
+    (activation checkpointing): besides the logits themselves no fp32 copy or log-softmax of
+    all B x T x V logits is ever alive, only one chunk's."""
+    vocab = logits.shape[-1]
+    # Shift the labels, not the logits: logits[:, :-1] would copy all of them.
+    target = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
+    flat = logits.reshape(-1, vocab)  # (B*T, V), a view
+    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    loss_of = partial(checkpoint, _chunk_loss, use_reentrant=False) if recompute else _chunk_loss
+    chunks = [loss_of(flat[i : i + rows], target[i : i + rows]) for i in range(0, len(flat), rows)]
+    return torch.stack(chunks).sum() / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
+LOSS_CHUNK_ELEMENTS = 2**24
+"""Logits per loss chunk: 64 MiB of fp32 scratch at a time."""
+
+
+def _chunk_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")

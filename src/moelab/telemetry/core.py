@@ -1,9 +1,14 @@
 """`Telemetry`: the one object the training loop talks to.
 
     tel = Telemetry(cfg, info, model, sink)
-    ... every micro-step: tel.on_micro_step(out); every optimizer step: tel.on_step(seconds)
+    ... every optimizer step: tel.begin_step(step); every micro-step: tel.on_micro_step(out);
+        after the update: tel.end_step(); eval and checkpoints inside `with tel.untimed():`
     metrics = tel.maybe_log(step)   # {} except on logging steps; one collective then
     tel.close()
+
+Time is measured per logging window, between two points where the device is synchronised
+(the first step's start and the logging step), so it stays true on a GPU whose kernels run
+ahead of the host; no step in between waits for the device on telemetry's behalf.
 
 It runs the same code on every rank (collectives included); only the sink is rank-gated.
 """
@@ -12,14 +17,17 @@ from __future__ import annotations
 
 import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moelab.config import MoelabConfig
-from moelab.engine import DistInfo
+from moelab.engine import DistInfo, synchronize
 from moelab.flops import flops_per_token
 from moelab.telemetry import plots
 from moelab.telemetry.moe import MoeTelemetry
@@ -68,6 +76,8 @@ class Telemetry:
         self.world_size, self.device = info.world_size, next(model.parameters()).device
         self.enabled = self.tcfg.enabled
         self.seconds, self.steps = 0.0, 0
+        self.window_start: float | None = None  # perf_counter at the window's first step
+        self.sample_start = 0.0  # perf_counter at the start of a sampled (MoE-timed) step
         self.history: list[tuple[int, torch.Tensor]] = []
         self.plot_dir = Path(tempfile.mkdtemp(prefix="moelab-plots-"))
         # No plots for a sink that drops them (other ranks' NullSink).
@@ -81,10 +91,10 @@ class Telemetry:
             return
         self.flops = flops_per_token(cfg.model, cfg.data.seq_len).training
         cache = self.tcfg.cpu_peak_cache or str(Path(cfg.data.cache_dir) / "peak_flops.json")
-        self.peak = device_peak(t.precision, Path(cache), self.tcfg.peak_tflops)
+        self.peak = device_peak(t.precision, Path(cache), self.tcfg.peak_tflops, self.device)
         if cfg.model.is_moe:
             tokens = t.micro_batch_size * cfg.data.seq_len
-            self.moe = MoeTelemetry(model, cfg.model.moe, tokens, info.ep_size)
+            self.moe = MoeTelemetry(model, cfg.model.moe, tokens, info.ep_size, self.device)
         self._tags(info, self.peak)
         self._start_system_metrics(info)
 
@@ -100,7 +110,8 @@ class Telemetry:
             "hostnames": ",".join(sorted(set(hosts))),
             "layout": f"world={info.world_size} local={info.local_world_size} "
             f"ep={info.ep_size} hosts={len(set(hosts))}",
-            "telemetry.moe_timers": "layer+gate wall_clock_breakdown, backward a2a wrapped",
+            "telemetry.moe_timers": "layer+gate wall_clock_breakdown, backward a2a wrapped; "
+            f"sampled every {self.tcfg.moe_timing_every or self.log_every} steps",
         }
         self.sink.set_tags(tags)
 
@@ -108,24 +119,59 @@ class Telemetry:
         if self.tcfg.system_metrics:
             self.monitor = start_system_metrics(info, self.tcfg.system_metrics_interval)
 
+    def begin_step(self, step: int) -> None:
+        """Before an optimizer step: start the window's clock (after a device sync) on its first
+        step; time the MoE layers if this step is sampled."""
+        if self.window_start is None:
+            synchronize(self.device)
+            self.window_start = time.perf_counter()
+        if self.moe is not None:
+            self.moe.set_timing(self._sampled(step))
+            if self.moe.timing:  # a sampled step is timed on its own too: the a2a fraction
+                synchronize(self.device)
+                self.sample_start = time.perf_counter()
+
+    def _sampled(self, step: int) -> bool:
+        every = self.tcfg.moe_timing_every
+        if every:
+            return step % every == 0
+        return step % self.log_every == 0 or step == self.last_step
+
     def on_micro_step(self, out: Any) -> None:
         """After each training forward: expert counts of every MoE layer (kept on device)."""
         if self.moe is not None:
             self.moe.on_micro_step(getattr(out, "exp_counts", None))
 
-    def on_step(self, step_seconds: float) -> None:
-        """After each optimizer step: its wall time (train only) and the MoE timers."""
-        self.seconds += step_seconds
+    def end_step(self) -> None:
+        """After each optimizer step: count it; read the MoE timers of a sampled step."""
         self.steps += 1
-        if self.moe is not None:
-            self.moe.on_step()
+        if self.moe is not None and self.moe.timing:
+            synchronize(self.device)
+            self.moe.on_step((time.perf_counter() - self.sample_start) * 1e3)
+
+    @contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Work inside a window that is not training (eval, checkpoints): its time is left out."""
+        if self.window_start is None:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.window_start += time.perf_counter() - start
 
     def maybe_log(self, step: int) -> dict[str, float]:
         """Metrics of the window ending at `step` on logging steps (all ranks), else {}."""
         if step % self.log_every and step != self.last_step:
             return {}
+        synchronize(self.device)
+        if self.window_start is not None:
+            self.seconds = time.perf_counter() - self.window_start
         metrics = self._collect(step) if self.enabled else self._local_perf()
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps, self.window_start = 0.0, 0, None
         return metrics
 
     def _local_perf(self) -> dict[str, float]:
@@ -136,10 +182,19 @@ class Telemetry:
             "perf/samples_per_s": self.samples_per_step / step_time if step_time else 0.0,
         }
 
+    def window_vector(self) -> torch.Tensor:
+        """This rank's window as one float64 vector on its device (what `_collect` gathers):
+        seconds, steps, peak device memory (GiB), then the MoE part."""
+        mem = 0.0
+        if self.device.type == "cuda":  # the allocator's host-side counter: no device sync
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30
+        head = torch.tensor(
+            [self.seconds, float(self.steps), mem], dtype=torch.float64, device=self.device
+        )
+        return head if self.moe is None else torch.cat([head, self.moe.vector()])
+
     def _collect(self, step: int) -> dict[str, float]:
-        head = torch.tensor([self.seconds, float(self.steps)], dtype=torch.float64)
-        vec = head if self.moe is None else torch.cat([head, self.moe.vector()])
-        rows = gather_rows(vec.to(self.device)).cpu()
+        rows = gather_rows(self.window_vector()).cpu()
         step_time = float((rows[:, 0] / rows[:, 1].clamp_min(1)).max())
         metrics = perf_metrics(
             step_time,
@@ -149,8 +204,10 @@ class Telemetry:
             self.world_size,
             self.peak,
         )
+        if self.device.type == "cuda":
+            metrics["perf/device_mem_peak_gib"] = float(rows[:, 2].max())
         if self.moe is not None:
-            moe = self.moe.metrics(rows[:, 2:], self.steps, step_time * 1e3)
+            moe = self.moe.metrics(rows[:, 3:])
             self._plots(step, moe.pop("_shares"))
             metrics |= moe
             self.moe.reset()

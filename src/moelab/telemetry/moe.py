@@ -1,8 +1,10 @@
 """MoE telemetry: all-to-all / gate / expert time per layer, expert load, drops, router entropy.
 
-Everything is accumulated on the rank without host syncs (tensors stay on the device, timers
-are host floats) and turned into one flat vector per logging window, which the caller gathers
-across ranks in a single collective.
+Counts are accumulated on the rank without host syncs (tensors stay on the device) and turned
+into one flat vector per logging window, which the caller gathers across ranks in a single
+collective. Times come from sampled steps only (`set_timing`): DeepSpeed's layer timers
+synchronise the device on every timed forward, so unsampled steps run with them off and the
+per-step figures are averages over the sampled steps.
 """
 
 from __future__ import annotations
@@ -50,16 +52,21 @@ class MoeTelemetry:
     """Per-rank accumulators of one logging window for every MoE layer of `model`."""
 
     def __init__(
-        self, model: torch.nn.Module, cfg: MoEConfig, tokens_per_forward: int, ep_size: int
+        self,
+        model: torch.nn.Module,
+        cfg: MoEConfig,
+        tokens_per_forward: int,
+        ep_size: int,
+        device: torch.device,
     ) -> None:
-        self.model = model
+        self.model, self.device, self.timing = model, device, False
         self.layers = [idx for idx, _ in moe_layers.iter_moe_layers(model)]
         self.num_experts = cfg.total_experts
         self.ep_size = ep_size
         self.cap = capacity(tokens_per_forward, cfg.total_experts, cfg.active_experts, cfg)
         self.drop_tokens = cfg.drop_tokens
         self.pos = {idx: i for i, idx in enumerate(self.layers)}
-        moe_layers.enable_moe_timers(model)
+        moe_layers.install_moe_timers()
         self.handles = moe_layers.register_router_hooks(model, self._on_logits, self._on_dispatch)
         self.reset()
 
@@ -68,11 +75,12 @@ class MoeTelemetry:
         return bool(self.layers)
 
     def reset(self) -> None:
-        n_layers = len(self.layers)
-        self.counts = torch.zeros(n_layers, self.num_experts, dtype=torch.float64)
-        self.dropped = torch.zeros(n_layers, dtype=torch.float64)
-        self.ent_sum = torch.zeros(n_layers, dtype=torch.float64)
+        n_layers, dev = len(self.layers), self.device
+        self.counts = torch.zeros(n_layers, self.num_experts, dtype=torch.float64, device=dev)
+        self.dropped = torch.zeros(n_layers, dtype=torch.float64, device=dev)
+        self.ent_sum = torch.zeros(n_layers, dtype=torch.float64, device=dev)
         self.ent_n = [0] * n_layers
+        self.timed_steps, self.timed_ms = 0, 0.0
         self.ms = [[0.0] * len(TIMER_KEYS) for _ in self.layers]
         self.bwd_ms = 0.0
         self.a2a_bytes = 0
@@ -80,13 +88,11 @@ class MoeTelemetry:
 
     def _on_logits(self, idx: int, logits: torch.Tensor) -> None:
         i = self.pos[idx]
-        ent = router_entropy(logits).sum().double()
-        self.ent_sum = self.ent_sum.to(ent.device)
-        self.ent_sum[i] += ent
+        self.ent_sum[i] += router_entropy(logits).sum().double()
         self.ent_n[i] += logits.shape[0]
 
     def _on_dispatch(self, idx: int, dispatched: torch.Tensor) -> None:
-        if self.ep_size > 1:  # with ep_size 1 no all-to-all runs
+        if self.timing and self.ep_size > 1:  # with ep_size 1 no all-to-all runs
             self.a2a_bytes += 2 * dispatched.numel() * dispatched.element_size()
             self.a2a_calls += 2
 
@@ -95,12 +101,22 @@ class MoeTelemetry:
         if not exp_counts:
             return
         counts = torch.stack([c.detach().double() for c in exp_counts])
-        self.counts = self.counts.to(counts.device) + counts
+        self.counts += counts
         if self.drop_tokens:
-            self.dropped = self.dropped.to(counts.device) + dropped_tokens(counts, self.cap)
+            self.dropped += dropped_tokens(counts, self.cap)
 
-    def on_step(self) -> None:
-        """Read and reset the forward timers (and the backward all-to-all time)."""
+    def set_timing(self, on: bool) -> None:
+        """Time the coming step's MoE layers (a sampled step) or run them untimed."""
+        self.timing = on
+        moe_layers.set_moe_timing(self.model, on)
+
+    def on_step(self, step_ms: float) -> None:
+        """After a sampled step of `step_ms` (device-synchronised wall time): read and reset
+        the forward timers and the backward all-to-all time (these reads sync the device)."""
+        if not self.timing:
+            return
+        self.timed_steps += 1
+        self.timed_ms += step_ms
         for idx, ms in moe_layers.read_and_reset_moe_timers(self.model).items():
             row = self.ms[self.pos[idx]]
             for k, key in enumerate(TIMER_KEYS):
@@ -109,50 +125,38 @@ class MoeTelemetry:
 
     def vector(self) -> torch.Tensor:
         """This rank's window as one float64 vector (layout read back by `metrics`)."""
-        head = [x for row in self.ms for x in row] + [self.bwd_ms, self.a2a_bytes, self.a2a_calls]
+        head = [x for row in self.ms for x in row]
+        head += [self.bwd_ms, self.a2a_bytes, self.a2a_calls, self.timed_steps, self.timed_ms]
+        head += self.ent_n
         parts = [
-            torch.tensor(head, dtype=torch.float64),
-            self.counts.cpu().flatten(),
-            self.dropped.cpu(),
-            self.ent_sum.cpu(),
-            torch.tensor(self.ent_n, dtype=torch.float64),
+            torch.tensor(head, dtype=torch.float64, device=self.device),
+            self.counts.flatten(),
+            self.dropped,
+            self.ent_sum,
         ]
         return torch.cat(parts)
 
-    def metrics(self, ranks: torch.Tensor, steps: int, step_ms: float) -> dict[str, Any]:
-        """Metrics from the (world, n) gathered vectors of a window of `steps` steps."""
+    def metrics(self, ranks: torch.Tensor) -> dict[str, Any]:
+        """Metrics from the (world, n) gathered `vector`s of one window. Times are per sampled
+        step; none if no step was sampled."""
         n_layers, n_exp, n_t = len(self.layers), self.num_experts, len(TIMER_KEYS)
-        steps = max(steps, 1)
-        timers = ranks[:, : n_layers * n_t].reshape(-1, n_layers, n_t) / steps  # ms per step
         o = n_layers * n_t
-        bwd, a2a_bytes, calls = ranks[:, o] / steps, ranks[:, o + 1], ranks[:, o + 2]
-        o += 3
+        timed = ranks[:, o + 3].clamp_min(1)  # (world,) sampled steps of each rank
+        timers = ranks[:, :o].reshape(-1, n_layers, n_t) / timed[:, None, None]  # ms per step
+        ent_n = ranks[:, o + 5 : o + 5 + n_layers].sum(0)
+        o += 5 + n_layers
         counts = ranks[:, o : o + n_layers * n_exp].reshape(-1, n_layers, n_exp).sum(0)
         o += n_layers * n_exp
-        dropped = ranks[:, o : o + n_layers].sum(0)
-        ent_sum = ranks[:, o + n_layers : o + 2 * n_layers].sum(0)
-        ent_n = ranks[:, o + 2 * n_layers : o + 3 * n_layers].sum(0)
-        a2a = timers[..., 0] + timers[..., 1]  # (world, layers)
-        fwd_a2a = a2a.sum(-1)
-        gbps = a2a_bytes * 8 / (fwd_a2a * steps / 1e3).clamp_min(1e-9) / 1e9
-        m: dict[str, Any] = {
-            "moe/a2a_ms": float(fwd_a2a.max()),
-            "moe/a2a_ms_mean": float(fwd_a2a.mean()),
-            "moe/a2a_bwd_ms": float(bwd.max()),
-            "moe/a2a_fraction": float((fwd_a2a + bwd).max()) / step_ms if step_ms > 0 else 0.0,
-            "moe/a2a_bytes": float((a2a_bytes / calls.clamp_min(1)).mean()),
-            "moe/a2a_gbps": float(gbps.mean()),
-            "moe/dead_experts": float((counts == 0).sum()),
-        }
+        dropped, ent_sum = ranks[:, o : o + n_layers].sum(0), ranks[:, o + n_layers :].sum(0)
+        m: dict[str, Any] = {"moe/dead_experts": float((counts == 0).sum())}
+        base = n_layers * n_t
+        if bool((ranks[:, base + 3] > 0).all()):
+            m |= self._timing(timers, ranks[:, base : base + 5], timed)
         total = counts.sum(-1)
         shares = counts / total.clamp_min(1).unsqueeze(-1)
         cv, mom = load_cv(counts), max_over_mean(counts)
         for i, idx in enumerate(self.layers):
             p = f"moe/layer_{idx}"
-            m[f"{p}/a2a_ms"] = float(a2a[:, i].max())
-            m[f"{p}/gate_ms"] = float(timers[:, i, 2].mean())
-            expert = timers[:, i, 3] - timers[:, i, 0] - timers[:, i, 1] - timers[:, i, 2]
-            m[f"{p}/expert_ms"] = float(expert.mean())
             m[f"{p}/load_cv"] = float(cv[i])
             m[f"{p}/load_max_over_mean"] = float(mom[i])
             m[f"{p}/drop_fraction"] = float(dropped[i] / total[i].clamp_min(1))
@@ -163,7 +167,35 @@ class MoeTelemetry:
         m["_shares"] = shares
         return m
 
+    def _timing(
+        self, timers: torch.Tensor, extra: torch.Tensor, timed: torch.Tensor
+    ) -> dict[str, Any]:
+        """Timing metrics from (world, layers, 4) ms per sampled step, the (world, 5) sums of
+        backward all-to-all ms, bytes, calls, sampled steps and their wall ms, and the (world,)
+        sampled step counts. The all-to-all fraction is of the sampled steps' own time."""
+        bwd, a2a_bytes, calls = extra[:, 0] / timed, extra[:, 1], extra[:, 2]
+        step_ms = extra[:, 4] / timed  # (world,) wall ms of a sampled step
+        a2a = timers[..., 0] + timers[..., 1]  # (world, layers)
+        fwd_a2a = a2a.sum(-1)
+        gbps = a2a_bytes * 8 / (fwd_a2a * timed / 1e3).clamp_min(1e-9) / 1e9
+        m: dict[str, Any] = {
+            "moe/a2a_ms": float(fwd_a2a.max()),
+            "moe/a2a_ms_mean": float(fwd_a2a.mean()),
+            "moe/a2a_bwd_ms": float(bwd.max()),
+            "moe/a2a_fraction": float(((fwd_a2a + bwd) / step_ms.clamp_min(1e-9)).max()),
+            "moe/a2a_bytes": float((a2a_bytes / calls.clamp_min(1)).mean()),
+            "moe/a2a_gbps": float(gbps.mean()),
+            "moe/timed_steps": float(timed.max()),
+        }
+        for i, idx in enumerate(self.layers):
+            p = f"moe/layer_{idx}"
+            m[f"{p}/a2a_ms"] = float(a2a[:, i].max())
+            m[f"{p}/gate_ms"] = float(timers[:, i, 2].mean())
+            expert = timers[:, i, 3] - timers[:, i, 0] - timers[:, i, 1] - timers[:, i, 2]
+            m[f"{p}/expert_ms"] = float(expert.mean())
+        return m
+
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-        moe_layers.disable_moe_timers(self.model)
+        moe_layers.set_moe_timing(self.model, False)

@@ -1,8 +1,9 @@
 """Throughput, model TFLOP/s and MFU against the device's peak.
 
-GPU peaks come from a table of vendor figures; on a CPU (or an unknown device) the peak is
-measured once with a square fp32/bf16 matmul benchmark on this rank's threads and cached as
-JSON keyed by CPU model, thread count and dtype.
+A GPU's peak comes from the datasheet table in `moelab.devices`; a GPU not in the table is
+measured once with a bf16/fp16/fp32 square matmul on that GPU, and a CPU with one on this
+rank's threads. Measurements are cached as JSON: a GPU's by device name and dtype, a CPU's by
+CPU model, thread count and dtype.
 """
 
 from __future__ import annotations
@@ -11,21 +12,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-# Dense (no 2:4 sparsity) peak TFLOP/s per device from NVIDIA's datasheets:
-# H100 SXM5 / H200 SXM: BF16/FP16 tensor 989.4 (1979 is the sparsity figure), FP32 66.9;
-# H100 PCIe: BF16 756, FP32 51.2; A100 (SXM and PCIe): BF16 312 (624 sparse), FP32 19.5;
-# A40: BF16 149.7 (299.4 sparse), FP32 37.4. "fp32" means plain FP32 (PyTorch's default
-# matmul precision), not TF32.
-GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "A40": {"bf16": 149.7, "fp16": 149.7, "fp32": 37.4},
-}
+from moelab.devices import DEVICES, device_key
+
+GPU_MATMUL_N = 8192
+"""Side of the square matmul that measures an unknown GPU (1.1 TFLOP per product)."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +32,11 @@ class Peak:
 
 
 def table_peak(device_name: str, precision: str) -> Peak | None:
-    """Peak from GPU_PEAK_TFLOPS for a `torch.cuda.get_device_name()` string, if known."""
-    name = device_name.upper()
-    for key, peaks in GPU_PEAK_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
-        if all(part.upper() in name for part in key.split()):
-            return Peak(peaks[precision], f"table:{key}:{precision}")
-    return None
+    """Datasheet peak for a `torch.cuda.get_device_name()` string, if the table has it."""
+    key = device_key(device_name)
+    if key is None:
+        return None
+    return Peak(DEVICES[key].tflops[precision], f"table:{key}:{precision}")
 
 
 def cpu_model() -> str:
@@ -56,52 +50,86 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_tflops(n: int = 1024, repeats: int = 5, dtype: str = "fp32") -> float:
-    """Best-of-`repeats` TFLOP/s of an n x n matmul with this process's torch threads."""
+def measure_matmul_tflops(
+    n: int = 1024, repeats: int = 5, dtype: str = "fp32", device: Any = "cpu"
+) -> float:
+    """Best-of-`repeats` TFLOP/s of an n x n matmul on `device` (a CPU: this process's threads)."""
     import torch
 
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a = torch.randn(n, n, dtype=tdtype)
-    b = torch.randn(n, n, dtype=tdtype)
-    torch.mm(a, b)  # warm-up
+    dev = torch.device(device)
+    a = torch.randn(n, n, dtype=tdtype, device=dev)
+    b = torch.randn(n, n, dtype=tdtype, device=dev)
+
+    def sync() -> None:  # CUDA kernels are asynchronous: time them to completion
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    torch.mm(a, b)  # warm-up (cuBLAS picks its kernel, the clocks ramp up)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        sync()
         best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * n**3 / best / 1e12
 
 
-def cpu_peak(cache_file: Path, threads: int, precision: str) -> Peak:
-    """Measured CPU peak, cached in `cache_file` by CPU model + threads + dtype."""
-    key = f"{cpu_model()}|threads={threads}|{precision}"
+def cached_peak(cache_file: Path, key: str, what: str, measure: Callable[[], float]) -> Peak:
+    """`measure()` once per `key` in the JSON `cache_file`; the source says which happened."""
     cache: dict[str, float] = {}
     if cache_file.exists():
         try:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-    if key not in cache:
-        cache[key] = measure_matmul_tflops(dtype=precision)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(cache_file)  # atomic: ranks measuring at once do not corrupt it
-        return Peak(cache[key], f"measured:matmul:{key}")
-    return Peak(cache[key], f"cached:matmul:{key}")
+    if key in cache:
+        return Peak(cache[key], f"cached:{what}:{key}")
+    cache[key] = measure()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(cache_file)  # atomic: ranks measuring at once do not corrupt it
+    return Peak(cache[key], f"measured:{what}:{key}")
 
 
-def device_peak(precision: str, cache_file: Path, override: float | None = None) -> Peak:
-    """Peak TFLOP/s of this rank's device: override, GPU table, else measured matmul."""
+def cpu_peak(cache_file: Path, threads: int, precision: str) -> Peak:
+    """Measured CPU peak, cached in `cache_file` by CPU model + threads + dtype."""
+    key = f"{cpu_model()}|threads={threads}|{precision}"
+    return cached_peak(cache_file, key, "matmul", lambda: measure_matmul_tflops(dtype=precision))
+
+
+def gpu_peak(
+    device_name: str, precision: str, cache_file: Path, device: Any, n: int = GPU_MATMUL_N
+) -> Peak:
+    """A GPU's datasheet peak; a GPU not in the table is measured on `device`, cached by name."""
+    found = table_peak(device_name, precision)
+    if found is not None:
+        return found
+
+    def measure() -> float:
+        return measure_matmul_tflops(n, dtype=precision, device=device)
+
+    return cached_peak(cache_file, f"{device_name}|{precision}", "cuda-matmul", measure)
+
+
+def device_peak(
+    precision: str, cache_file: Path, override: float | None = None, device: Any = None
+) -> Peak:
+    """Peak TFLOP/s of this rank's device: override, GPU (table or measured), else CPU.
+
+    `device` defaults to the current CUDA device when CUDA is available, else the CPU.
+    """
     import torch
 
     if override:
         return Peak(override, "config")
-    if torch.cuda.is_available():
-        found = table_peak(torch.cuda.get_device_name(), precision)
-        if found is not None:
-            return found
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and torch.device(device).type == "cuda":
+        return gpu_peak(torch.cuda.get_device_name(device), precision, cache_file, device)
     return cpu_peak(cache_file, torch.get_num_threads(), precision)
 
 
