@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Items 1 and 2 of the benchmarks at the seed report's real sizes, bf16, on one GPU (ep_size 1):
-#   1. seed_600m_{dense,moe,hybrid} (+ moe top-1, moe_layer_frequency 2) through moelab-launch,
-#      seq 2048: tokens/s, MFU (against the GPU's datasheet bf16 peak) and a2a fraction;
+#   1. seed_600m_{dense,moe,hybrid} through moelab-launch, seq 2048: tokens/s, MFU (against the
+#      GPU's datasheet bf16 peak) and a2a fraction, with the MoE/dense and hybrid/dense ratios;
+#      CASES=dense,moe,hybrid,moe_top1,moe_freq2 adds top-1 and moe_layer_frequency 2;
 #   2. the MoE layer at the seed MoE's shape (d_model 1024, expert hidden 4096) against a
 #      dense SwiGLU of the same active FLOPs: time and peak-memory ratios.
 # Results go to benchmarks/results/variants_gpu.jsonl and moe_layer_gpu.jsonl.
 #
-#   bash benchmarks/gpu.sh            # from the repo root, with .venv holding a CUDA torch
+# Sized for 10 minutes on one H200: 2 rounds x 3 launches (each ~15-30 s of start-up, 30
+# steps), then 10 MoE-layer cells (4k and 16k tokens, 8 and 32 experts; --quick keeps 16k at
+# top-2 with drops). The set-up (benchmarks/gpu_setup.sh: the offline wheels of .whl/py312/,
+# or .venv when it holds a CUDA torch) runs first; PY=... skips it.
+#
+#   bash benchmarks/gpu.sh            # from the repo root, on a machine with one CUDA GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [ -z "${PY:-}" ]; then
+  PY_FILE=$(mktemp)
+  trap 'rm -f "$PY_FILE"' EXIT
+  GPU_PY_FILE=$PY_FILE bash benchmarks/gpu_setup.sh
+  PY=$(cat "$PY_FILE")
+fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1
+export DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: gpu.sh needs one GPU")'
@@ -19,8 +30,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== 1. variant throughput (seed_600m presets, bf16, 1 GPU) =="
 "$PY" benchmarks/launch_bench.py --gpu --rounds "${ROUNDS:-2}" --steps "${STEPS:-30}" \
-  --log-every 5 --micro-batch-size "${MICRO_BATCH:-8}"
+  --log-every 5 --micro-batch-size "${MICRO_BATCH:-8}" --cases "${CASES:-dense,moe,hybrid}"
 
 echo "== 2. MoE layer cost (d_model 1024, expert hidden 4096, bf16) =="
 "$PY" benchmarks/moe_layer.py --device cuda --dtype bf16 --d-model 1024 --expert-hidden 4096 \
+  --tokens "${MOE_TOKENS:-4096,16384}" --experts "${MOE_EXPERTS:-8,32}" --quick \
   --reps "${REPS:-10}"

