@@ -144,13 +144,16 @@ def router_z_loss_sum(model: nn.Module) -> torch.Tensor | None:
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss: position t predicts labels[t + 1]; -100 is ignored.
 
-    Computed in fp32 one chunk of rows at a time, each chunk recomputed in backward
-    (activation checkpointing): besides the logits themselves no fp32 copy or log-softmax of
-    all B x T x V logits is ever alive, only one chunk's."""
+    Always computed in fp32. Lower-precision (bf16/fp16) logits are upcast one chunk of rows
+    at a time, each chunk recomputed in backward (activation checkpointing): no fp32 copy or
+    fp32 log-softmax of all B x T x V logits is ever alive, only one chunk's. fp32 logits need
+    no copy and take PyTorch's loss as it is (a recompute would cost time for no memory)."""
     vocab = logits.shape[-1]
     # Shift the labels, not the logits: logits[:, :-1] would copy all of them.
     target = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
     flat = logits.reshape(-1, vocab)  # (B*T, V), a view
+    if logits.dtype == torch.float32:
+        return F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX)
     rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     recompute = torch.is_grad_enabled() and logits.requires_grad
     loss_of = partial(checkpoint, _chunk_loss, use_reentrant=False) if recompute else _chunk_loss
