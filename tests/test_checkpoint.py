@@ -152,3 +152,24 @@ def test_first_signal_sets_the_flag_second_kills_at_once() -> None:
     assert "first signal: raised = True" in proc.stdout
     assert "survived" not in proc.stdout
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_stop_file_is_looked_at_once_per_interval(tmp_path: Path) -> None:
+    """The stop file on the shared run dir is stat'ed at most once per `file_every_s`, not
+    every step; once seen (or signalled) the flag stays up."""
+    import time
+
+    from moelab.checkpoint import STOP_FILE, StopFlag
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    flag = StopFlag(tmp_path, file_every_s=0.5)  # (installs its signal handlers: restored below)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    cpu = torch.device("cpu")
+    assert flag.local(cpu).tolist() == [0.0]
+    (tmp_path / STOP_FILE).touch()
+    assert flag.local(cpu).tolist() == [0.0]  # within the interval: not looked at again
+    time.sleep(0.6)
+    assert flag.local(cpu).tolist() == [1.0]
+    (tmp_path / STOP_FILE).unlink()
+    assert flag.local(cpu).tolist() == [1.0]

@@ -203,3 +203,76 @@ def test_optimizer_is_picked_for_the_rank_device() -> None:
     for builds in (True, False):
         picked = engine.pick_optimizer(offload, "cuda", lambda b=builds: b)["optimizer"]
         assert picked["params"]["torch_adam"] is not builds and "fused" not in picked["params"]
+
+
+# One gloo rank runs moelab's own optimizer steps (train.train_step) on tiny MoE at ZeRO 0, the
+# stage whose guard also checks local gradients, counting every collective and every host read
+# of a tensor that moelab's code makes (DeepSpeed's own gradient all-reduce is not counted).
+LOOP_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, tempfile
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch
+    import torch.distributed as dist
+    from launcher.compose import compose_config, to_schema
+    from moelab import engine, train
+    from moelab.checkpoint import StopFlag
+    from moelab.guard import StepGuard
+    from moelab.models import build_model
+    from moelab.telemetry.core import Telemetry
+    from moelab.telemetry.sink import NullSink
+
+    info = engine.init_distributed(1)
+    cfg = to_schema(compose_config([
+        "model=tiny_moe_top2", "cluster.nproc_per_node=1", "train.micro_batch_size=2",
+        "train.grad_accum=2", "telemetry.enabled=false",
+    ]))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 0, 0)
+    ds = engine.initialize(model, engine.build_ds_config(cfg))
+    tel = Telemetry(cfg, info, ds.module, NullSink())
+    guard = StepGuard(False, 0, "fp32")
+    stop = StopFlag(tempfile.mkdtemp())
+    batches = iter([{"input_ids": torch.randint(0, 256, (2, 32))} for _ in range(8)])
+    counts = {"collectives": 0, "host_reads": 0}
+    def ours():  # called from moelab's own code (DeepSpeed's gradient all-reduce is not)
+        return "/src/moelab/" in sys._getframe(2).f_code.co_filename
+    for name in ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor"):
+        real = getattr(dist, name)
+        def counted(*a, real=real, **k):
+            counts["collectives"] += ours()
+            return real(*a, **k)
+        setattr(dist, name, counted)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        def read(self, *a, real=real, **k):
+            counts["host_reads"] += ours()
+            return real(self, *a, **k)
+        setattr(torch.Tensor, name, read)
+    for step in range(1, 4):
+        sums, stopping = train.train_step(ds, batches, tel, guard, stop, step)
+    print(json.dumps(counts | {"finite": bool(torch.isfinite(sums).all()), "stop": stopping}))
+    """
+)
+
+
+def test_an_optimizer_step_makes_one_all_reduce_and_one_host_read() -> None:
+    """The loop's own bookkeeping per optimizer step (non-finite guard, stop request, losses):
+    one small all-reduce and one read of its result; the losses stay on the device. (Before:
+    a guard all-reduce, a stop-flag all-reduce and a loss read per micro-step.)"""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{REPO / 'src'}:{REPO}",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", LOOP_CHILD], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"collectives": 3, "host_reads": 3, "finite": True, "stop": False}, report
