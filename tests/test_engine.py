@@ -57,10 +57,9 @@ CHILD = textwrap.dedent(
 CASES = ("1:dense_only", "2:dense_only", "2:router")
 
 
-@pytest.fixture(scope="module")
-def frozen_runs() -> dict[str, dict[str, Any]]:
-    """The child's report per case, from one process (one DeepSpeed import)."""
-    env = {
+def one_rank_env() -> dict[str, str]:
+    """Environment of a one-rank gloo world for a child process."""
+    return {
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": f"{REPO / 'src'}:{REPO}",
         "MASTER_ADDR": "127.0.0.1",
@@ -70,6 +69,12 @@ def frozen_runs() -> dict[str, dict[str, Any]]:
         "WORLD_SIZE": "1",
         "OMP_NUM_THREADS": "1",
     }
+
+
+@pytest.fixture(scope="module")
+def frozen_runs() -> dict[str, dict[str, Any]]:
+    """The child's report per case, from one process (one DeepSpeed import)."""
+    env = one_rank_env()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, *CASES],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
@@ -260,16 +265,7 @@ def test_an_optimizer_step_makes_one_all_reduce_and_one_host_read() -> None:
     """The loop's own bookkeeping per optimizer step (non-finite guard, stop request, losses):
     one small all-reduce and one read of its result; the losses stay on the device. (Before:
     a guard all-reduce, a stop-flag all-reduce and a loss read per micro-step.)"""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": f"{REPO / 'src'}:{REPO}",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = one_rank_env()
     proc = subprocess.run(
         [sys.executable, "-c", LOOP_CHILD], capture_output=True, text=True, env=env, timeout=600
     )
