@@ -117,6 +117,10 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
     # Groups made later (DeepSpeed's expert-parallel ones) get torch's default, not the world's.
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
 
+    from deepspeed.accelerator import get_accelerator
+
+    # Before the first collective: NCCL binds a rank to its current device.
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.barrier()  # every rank has mapped the others' shared-memory buffers
     unlink_shm_buffer(dist.get_rank())
     if dist.get_rank() == 0:
@@ -153,9 +157,10 @@ def barrier() -> None:
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over all ranks of a tensor on the engine's device (one collective, no host read)."""
+    import torch
     import torch.distributed as dist
 
-    out = values.double()  # a copy: the caller's tensor is left as it was
+    out = values.to(torch.float64, copy=True)  # the caller's tensor is left as it was
     dist.all_reduce(out)
     return out / dist.get_world_size()
 
