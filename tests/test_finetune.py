@@ -19,6 +19,7 @@ from launcher.validate import ConfigError, validate
 from moelab.config import to_container
 from moelab.finetune import freeze, parse_trainable, resolve_init
 from moelab.models import build_model
+from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 STEPS = 4
 RUN = (
@@ -116,13 +117,15 @@ def ok(proc: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> dict[str, object]:
-    """A 4-step MoE run at ep_size 1, then a router-only ep_size 2 ZeRO-2 fine-tune of it on
-    other text (Python sources): another expert layout, every expert frozen under ZeRO."""
+def finetuned(
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_cache: Path,
+    trained_moe: TrainedMoE,  # noqa: F811
+) -> dict[str, object]:
+    """A router-only ep_size 1 ZeRO-2 fine-tune, on other text (Python sources), of the
+    session's reference run (ep_size 2): another expert layout, every expert frozen under ZeRO."""
     work = tmp_path_factory.mktemp("finetune")
-    source_run = [*RUN, "parallel=ep1", "zero=stage2", "tracking.experiment=source"]
-    ok(run_launcher(work, shared_cache, *source_run))
-    (source,) = (work / "runs" / "source").iterdir()
+    source = trained_moe.run_dir
     code = work / "code"
     code.mkdir()
     for f in sorted((REPO / "src" / "moelab").glob("*.py")):
@@ -130,7 +133,7 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> d
     (tokenizer,) = (shared_cache / "tokenizers").glob("bpe4096-*")
     new_data = ("data=text_files", f"data.data_files=[{code}/*.txt]", f"data.tokenizer={tokenizer}")
     proc = run_launcher(
-        work, shared_cache, *RUN, "parallel=ep2", *new_data, "zero=stage2",
+        work, shared_cache, *RUN, "parallel=ep1", *new_data, "zero=stage2",
         "tracking.experiment=finetune",
         f"train.init_from={source}", "train.trainable=router",
     )  # fmt: skip

@@ -240,7 +240,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, ds_engine: Any) -> dict[str, Any] | None:
-        """Restore engine, RNG; the client_state (step, tokens, data), None if none to load."""
+        """Restore engine, RNG; the client_state (step, tokens, data) and the checkpoint's
+        "tag", None if there is none to load."""
         meta = read_meta(self.cfg.run_dir)
         if self.cfg.train.resume == "never" or meta is None:
             # The training RNG stream starts at train.seed whatever set-up consumed (e.g. a
@@ -252,4 +253,4 @@ class Checkpointer:
         if path is None:
             raise RuntimeError(f"could not load checkpoint {meta['tag']} from {self.dir}.")
         set_rng_state(state["rng"][self.rank])
-        return dict(state)
+        return dict(state) | {"tag": meta["tag"]}

@@ -27,6 +27,7 @@ from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
 
 LOSS_KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss")
+RESUMED_TAG = "moelab.resumed_from_step"
 
 
 @dataclass
@@ -159,12 +160,31 @@ def run(cfg: MoelabConfig) -> None:
     sink.set_tags(tuning.tags() | engine.run_tags(ds_engine))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
     ckpt = Checkpointer(cfg, info.world_size, info.ep_size, info.rank)
-    state = ckpt.load(ds_engine) or {"step": 0, "data": {"epoch": 0, "consumed": 0}}
-    if state["step"] == 0:  # a resumed run keeps its own weights
+    state = ckpt.load(ds_engine)
+    if state is None:  # a new run; a resumed one keeps its own weights
+        state = {"step": 0, "data": {"epoch": 0, "consumed": 0}}
         finetune.load_init(ds_engine, t.init_from)
+    else:
+        note_resume(sink, info.is_rank0, state["tag"], state["step"])
     loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state)
     tel.close()
     sink.close()
+
+
+def note_resume(sink: Sink, is_rank0: bool, tag: str, step: int) -> None:
+    """A resume, told apart from a restart: the MLflow tag and a train.log line (rank 0)."""
+    sink.set_tags({RESUMED_TAG: str(step)})
+    if is_rank0:
+        print(
+            f"moelab: resumed from checkpoint {tag} at step {step}; next step {step + 1}",
+            flush=True,
+        )
+
+
+def note_first_step(is_rank0: bool, step: int) -> None:
+    """train.log names the first step each attempt (first run or resume) really computed."""
+    if is_rank0:
+        print(f"moelab: step {step} is the first this attempt computed", flush=True)
 
 
 def loaders(
@@ -199,6 +219,8 @@ def loop(
     for step in range(first, t.steps + 1):
         tel.begin_step(step)
         sums, stopping = train_step(ds_engine, batches, tel, guard, stop, step)
+        if step == first:
+            note_first_step(info.is_rank0, step)
         if sums is not None:
             window.add(sums, ds_engine.gradient_accumulation_steps())
         tel.end_step()
