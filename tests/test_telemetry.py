@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import VariantSweep
+from conftest import VARIANT_SWEEP, VariantSweep
 from moelab import moe as moe_layers
-from moelab.config import MoEConfig
+from moelab.config import MoEConfig, MoelabConfig
 from moelab.telemetry import perf
 from moelab.telemetry.moe import (
     MoeTelemetry,
@@ -203,14 +203,16 @@ def test_two_rank_launch_logs_telemetry(tmp_path: Path, variant_sweep: VariantSw
     assert m["perf/tflops_per_device"] > 0 and 0 < m["perf/mfu"] < 1
     assert float(tags["perf.peak_tflops"]) > 0 and tags["perf.peak_source"]
     assert 0 < m["moe/a2a_fraction"] < 1 and m["moe/a2a_ms"] > 0 and m["moe/a2a_bwd_ms"] > 0
-    assert m["moe/a2a_bytes"] > 0 and m["moe/a2a_gbps"] > 0
     # One window = 2 steps x 2 ranks x 4 sequences x 128 tokens, routed to top-2 experts.
     window_tokens = 2 * 2 * 4 * 128
     for i in range(2):
         p = f"moe/layer_{i}"
         for key in ("a2a_ms", "gate_ms", "expert_ms"):
             assert m[f"{p}/{key}"] > 0, key
-        assert m[f"{p}/load_cv"] >= 0 and m[f"{p}/load_max_over_mean"] >= 1
+        shares = torch.tensor([m[f"{p}/expert_{e}_share"] for e in range(4)])
+        # Both figures are scale-free: the logged shares give back the load figures.
+        assert m[f"{p}/load_cv"] == pytest.approx(float(load_cv(shares)), rel=1e-5)
+        assert m[f"{p}/load_max_over_mean"] == pytest.approx(float(shares.max() * 4), rel=1e-5)
         assert 0 <= m[f"{p}/drop_fraction"] < 1
         assert 0 < m[f"{p}/router_entropy"] <= math.log(4) + 1e-6
         assert m[f"{p}/tokens"] == window_tokens * 2
@@ -238,6 +240,63 @@ def test_two_rank_launch_logs_telemetry(tmp_path: Path, variant_sweep: VariantSw
     for name in ("plots/expert_load_step8.png", "plots/expert_load_over_time.png"):
         img = imread(client.download_artifacts(rid, name, str(tmp_path)))
         assert img.ndim == 3 and img.shape[0] > 50
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def moe_layer_ids(cfg: MoelabConfig) -> list[int]:
+    """Blocks with an MoE FFN: every `moe_layer_frequency`-th (1-based)."""
+    every = cfg.model.moe.moe_layer_frequency
+    return [i for i in range(cfg.model.n_layers) if (i + 1) % every == 0]
+
+
+def a2a_bytes_per_step(cfg: MoelabConfig) -> int:
+    """Bytes one rank sends to the other ranks in MoE all-to-alls per optimizer step, from the
+    config alone. DeepSpeed's MOELayer runs, per MoE layer and micro-step, 2 all-to-alls in
+    forward (dispatch, combine) and their 2 reverses in backward, each of an (experts,
+    capacity, d_model) buffer split evenly over the ep ranks: (ep - 1) / ep of it leaves the
+    rank. Capacity as DeepSpeed's gating sets it with drop_tokens: ceil(tokens / experts x
+    capacity_factor x k), at least min_capacity."""
+    moe, t = cfg.model.moe, cfg.train
+    tokens = t.micro_batch_size * cfg.data.seq_len  # per rank and micro-step
+    experts, k = moe.num_experts * moe.granularity, moe.top_k * moe.granularity
+    cap = max(math.ceil(tokens / experts * moe.capacity_factor * k), moe.min_capacity)
+    buffer = experts * cap * cfg.model.d_model * DTYPE_BYTES[t.precision]
+    ep = cfg.parallel.ep_size
+    return len(moe_layer_ids(cfg)) * t.grad_accum * 4 * buffer * (ep - 1) // ep
+
+
+# 4 MoE layers x 1 micro-step x 4 all-to-alls x (4 experts x capacity x d_model 128 x 4 B) / 2,
+# capacity ceil(512 tokens / 4 x 1.25 x k): 160 for top-1, 320 for top-2.
+SWEEP_A2A_BYTES = {"tiny_moe_top1": 2_621_440, "tiny_moe_top2": 5_242_880, "tiny_arctic": 5_242_880}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(SWEEP_A2A_BYTES))
+def test_a2a_bytes_match_an_independent_count(variant: str, variant_sweep: VariantSweep) -> None:
+    """The shared sweep's 2-rank ep2 runs: bytes sent per step and over the run equal the
+    count from the config; Gbit/s is those bytes over the logged time; per-layer times add up."""
+    from launcher.compose import compose_config, to_schema
+
+    over = [a for a in VARIANT_SWEEP if a != "-m" and not a.startswith(("model=", "tracking."))]
+    cfg = to_schema(compose_config([f"model={variant}", *over]))
+    per_step = a2a_bytes_per_step(cfg)
+    assert per_step == SWEEP_A2A_BYTES[variant]
+    client, run = variant_sweep.client, variant_sweep.run(variant)
+    m, rid = run.data.metrics, run.info.run_id
+    assert m["moe/a2a_bytes"] == per_step
+    # Cumulative over the run at each logging step (the eval forwards are not counted).
+    total = client.get_metric_history(rid, "moe/a2a_bytes_total")
+    logged = range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every)
+    assert sorted((x.step, x.value) for x in total) == [(s, s * per_step) for s in logged]
+    fwd, bwd = m["moe/a2a_ms"], m["moe/a2a_bwd_ms"]
+    assert m["moe/a2a_gbps"] == pytest.approx(per_step * 8 / 1e9 / ((fwd + bwd) / 1e3), rel=1e-9)
+    layers = moe_layer_ids(cfg)
+    assert layers == [0, 1, 2, 3]
+    assert all(m[f"moe/layer_{i}/a2a_bwd_ms"] > 0 for i in layers)
+    assert sum(m[f"moe/layer_{i}/a2a_bwd_ms"] for i in layers) == pytest.approx(bwd, rel=1e-9)
+    assert sum(m[f"moe/layer_{i}/a2a_ms"] for i in layers) == pytest.approx(fwd, rel=1e-9)
 
 
 def test_comms_profile_adds_comms_logger_to_ds_config() -> None:
@@ -293,4 +352,7 @@ def test_moe_timers_run_only_on_sampled_steps_and_feed_the_metrics(
     m = tel.metrics(tel.vector().unsqueeze(0))
     assert m["moe/timed_steps"] == 1.0
     assert m["moe/layer_0/gate_ms"] > 0 and m["moe/layer_0/expert_ms"] > 0
+    # ep_size 1: DeepSpeed runs no all-to-all, so nothing is sent and no backward one timed.
+    assert (m["moe/a2a_bytes"], m["moe/a2a_bytes_total"], m["moe/a2a_gbps"]) == (0, 0, 0)
+    assert [m[f"moe/layer_{i}/a2a_bwd_ms"] for i in cfg.moe_layer_indices()] == [0.0] * 4
     tel.close()

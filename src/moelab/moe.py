@@ -217,7 +217,12 @@ class MoEFFN(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, l_aux, exp_counts = self.layer(x)
+        # Lets the all-to-alls this forward runs (and their backward) know their layer.
+        _A2AStats.layer = self.layer_idx if self.training else None
+        try:
+            out, l_aux, exp_counts = self.layer(x)
+        finally:
+            _A2AStats.layer = None
         return out, l_aux, exp_counts
 
 
@@ -240,48 +245,66 @@ def moe_gates(model: nn.Module) -> dict[int, TopKGate]:
     return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}
 
 
-class _BackwardA2A:
-    """Accumulated time of the all-to-alls run by autograd in backward (all layers)."""
+class _A2AStats:
+    """What the all-to-alls of training passes did (process-wide; eval passes are left out).
 
-    active: ClassVar[bool] = False  # only on sampled steps: reading the time syncs the device
-    seconds: ClassVar[float] = 0.0
-    events: ClassVar[list[tuple[Any, Any]]] = []  # CUDA (start, end) pairs, resolved when read
-    calls: ClassVar[int] = 0
+    `sent` counts the bytes this rank sends to the other ranks of the group, forward and
+    backward, from the tensors' shapes at every call (Python ints: no device sync); backward
+    time is kept per MoE layer, on sampled steps only (reading it syncs the device).
+    """
+
+    layer: ClassVar[int | None] = None  # block index of the MoE layer in a training forward
+    active: ClassVar[bool] = False  # time the backward all-to-alls (sampled steps)
+    sent: ClassVar[int] = 0
+    seconds: ClassVar[dict[int, float]] = {}
+    events: ClassVar[list[tuple[int, Any, Any]]] = []  # CUDA (layer, start, end), read later
 
 
 _ORIGINAL_A2A = sharded_moe._AllToAll
 
 
+def _bytes_to_others(group: Any, tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` an all-to-all over `group` sends to other ranks: (n - 1) / n of it."""
+    n = torch.distributed.get_world_size(group)
+    return tensor.numel() * tensor.element_size() * (n - 1) // n
+
+
 class _TimedAllToAll(torch.autograd.Function):
-    """DeepSpeed's `_AllToAll` whose backward (the reverse all-to-all) is timed."""
+    """DeepSpeed's `_AllToAll` that counts the bytes it sends in training passes and times its
+    backward (the reverse all-to-all), both attributed to the MoE layer that ran it."""
 
     @staticmethod
     def forward(ctx: Any, group: Any, input: torch.Tensor) -> torch.Tensor:
-        ctx.group = group
+        ctx.group, ctx.layer = group, _A2AStats.layer
+        if ctx.layer is not None:
+            _A2AStats.sent += _bytes_to_others(group, input)
         return _ORIGINAL_A2A.forward(ctx, group, input)
 
     @staticmethod
     def backward(ctx: Any, *grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:
-        grad = grad_output[0]
-        if not _BackwardA2A.active:
+        grad, layer = grad_output[0], ctx.layer
+        if layer is not None:
+            _A2AStats.sent += _bytes_to_others(ctx.group, grad)
+        if layer is None or not _A2AStats.active:
             return None, _ORIGINAL_A2A.apply(ctx.group, grad)
-        _BackwardA2A.calls += 1
         if grad.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             out = _ORIGINAL_A2A.apply(ctx.group, grad)
             end.record()
-            _BackwardA2A.events.append((start, end))
+            _A2AStats.events.append((layer, start, end))
             return None, out
         t0 = time.perf_counter()
         out = _ORIGINAL_A2A.apply(ctx.group, grad)
-        _BackwardA2A.seconds += time.perf_counter() - t0
+        seconds = _A2AStats.seconds
+        seconds[layer] = seconds.get(layer, 0.0) + time.perf_counter() - t0
         return None, out
 
 
 def install_moe_timers() -> None:
     """Route DeepSpeed's all-to-all through `_TimedAllToAll` (process-wide), so that the
-    backward all-to-alls, which the layers' forward timers never see, can be timed too."""
+    backward all-to-alls, which the layers' forward timers never see, can be timed too, and
+    the bytes of every training all-to-all counted."""
     sharded_moe._AllToAll = _TimedAllToAll
 
 
@@ -293,7 +316,7 @@ def set_moe_timing(model: nn.Module, on: bool) -> None:
         if ffn.timing != on:
             ffn.timing = on
             ffn.train(ffn.training)
-    _BackwardA2A.active = on
+    _A2AStats.active = on
 
 
 def read_and_reset_moe_timers(model: nn.Module) -> dict[int, dict[str, float]]:
@@ -318,27 +341,31 @@ def _read_timer(timers: Any, name: str) -> float:
     return float(timers(name).elapsed(reset=True))
 
 
-def read_and_reset_backward_a2a_ms() -> float:
-    """Milliseconds spent in backward all-to-alls (all layers) since the last read."""
-    ms = _BackwardA2A.seconds * 1000.0
-    for start, end in _BackwardA2A.events:
+def read_and_reset_backward_a2a_ms() -> dict[int, float]:
+    """Block index -> ms spent in that MoE layer's backward all-to-alls since the last read
+    (layers that ran none are absent)."""
+    ms = {layer: s * 1000.0 for layer, s in _A2AStats.seconds.items()}
+    for layer, start, end in _A2AStats.events:
         end.synchronize()
-        ms += float(start.elapsed_time(end))
-    _BackwardA2A.seconds, _BackwardA2A.events = 0.0, []
+        ms[layer] = ms.get(layer, 0.0) + float(start.elapsed_time(end))
+    _A2AStats.seconds, _A2AStats.events = {}, []
     return ms
 
 
+def a2a_bytes_sent() -> int:
+    """Bytes this process has sent to other ranks in the all-to-alls of training passes
+    (forward and backward, every MoE layer) since it started; never reset."""
+    return _A2AStats.sent
+
+
 def register_router_hooks(
-    model: nn.Module,
-    on_logits: Callable[[int, torch.Tensor], None],
-    on_dispatch: Callable[[int, torch.Tensor], None],
+    model: nn.Module, on_logits: Callable[[int, torch.Tensor], None]
 ) -> list[Any]:
-    """Hooks giving each MoE layer's router logits and dispatched tensor (training only).
+    """Hooks giving each MoE layer's router logits (training only).
 
     `TopKGate.forward` applies `wg.weight` with `F.linear` (it never calls `wg`), so a hook
     on `wg` would not fire: the gate's own forward hook recomputes the logits (fp32, as the
-    gate does; d_model x num_experts FLOPs per token). The experts' input is the dispatched
-    tensor after the first all-to-all, (ep, local experts, capacity, d_model).
+    gate does; d_model x num_experts FLOPs per token).
     """
     handles = []
     for ffn in moe_ffns(model):
@@ -353,11 +380,5 @@ def register_router_hooks(
                     weight = gate.wg.weight.detach().float()
                     on_logits(idx, x @ weight.t())
 
-        def experts_hook(mod: nn.Module, args: Any, idx: int = idx) -> None:
-            if mod.training:
-                on_dispatch(idx, args[0])
-
         handles.append(gate.register_forward_hook(gate_hook))
-        experts = ffn.layer.deepspeed_moe.experts
-        handles.append(experts.register_forward_pre_hook(experts_hook))
     return handles
