@@ -9,31 +9,61 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from launcher.export import main as export_main
-from moelab.config import ModelConfig, MoEConfig
-from moelab.export import gather_state_dict, resolve_source
+from moelab.checkpoint import read_meta
+from moelab.config import ModelConfig, MoEConfig, load_config
+from moelab.data import blocks_dir
+from moelab.export import resolve_source
 from moelab.models import build_model
 from moelab.models.moe_torch import TopKRouter
 from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
-LOAD_SCRIPT = """
-import sys, torch
-sys.modules["moelab"] = None  # the folder must load without moelab and DeepSpeed
-sys.modules["deepspeed"] = None
+LOAD_SCRIPT = r"""
+import json, sys
+sys.modules["moelab"] = sys.modules["deepspeed"] = None  # as where neither is installed
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-out, io = sys.argv[1], sys.argv[2]
+
+out, blocks, run_dir, io = sys.argv[1:5]
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
 tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
-ids = torch.load(io + "/ids.pt")
-with torch.no_grad():
-    logits = model(ids).logits
+train = json.load(open(io + "/train.json"))
+world = json.load(open(run_dir + "/checkpoints/meta.json"))["world_size"]
+
+# The run's eval batches: each rank takes every world-th block of the validation split
+# (unshuffled, the tail that does not fill a round dropped), full micro-batches only, the
+# first eval_batches of them.
+ids = torch.tensor(load_from_disk(blocks)["validation"]["input_ids"], dtype=torch.long)
+per_rank = len(ids) // world
+size, count = train["micro_batch_size"], train["eval_batches"]
+rank_means, counts = [], []
+for rank in range(world):
+    mine = ids[rank : per_rank * world : world]
+    batches = [mine[i : i + size] for i in range(0, len(mine) - size + 1, size)][:count]
+    losses = []
+    with torch.no_grad():
+        for batch in batches:  # one forward per rank's micro-batch: MoE capacity is per batch
+            logits = model(batch).logits.float()
+            target = batch[:, 1:].reshape(-1)
+            losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target))
+    rank_means.append(torch.stack(losses).mean())
+    counts.append(len(batches))
 prompt = tok("To be, or not to be", return_tensors="pt").input_ids
 gen = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-torch.save({"logits": logits, "dist": torch.distributed.is_initialized(),
+loaded = sorted(m for m, mod in sys.modules.items()
+                if mod is not None and m.split(".")[0] in ("moelab", "deepspeed"))
+torch.save({"loss": float(torch.stack(rank_means).mean()), "batches": counts,
+            "dist": torch.distributed.is_initialized(), "loaded": loaded,
             "new": gen[0, prompt.shape[1]:], "text": tok.decode(gen[0, prompt.shape[1]:])},
            io + "/out.pt")
 """
+"""A clean process (no moelab, no DeepSpeed) on the exported folder: the mean LM loss on the
+run's own eval batches, rebuilt from the data cache without moelab's loaders, and a greedy
+generation."""
 
 
 def _tiny(ffn: str, top_k: int, drop: bool) -> ModelConfig:
@@ -80,26 +110,26 @@ def test_export_refuses_a_directory_without_a_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_export_round_trip_from_ep2_checkpoint(trained_moe: TrainedMoE, tmp_path: Path) -> None:  # noqa: F811
-    out = trained_moe.hf_dir
+    """The exported folder, loaded in a clean process, gives the run's own logged `eval/loss`
+    on the run's eval batches: every expert of both EP ranks is where training had it."""
+    out, run_dir = trained_moe.hf_dir, trained_moe.run_dir
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.MoelabForCausalLM"
     assert config["moe_impl"] == "torch" and config["ep_size"] == 1
     for name in ("model.safetensors", "tokenizer.json", "modeling.py", "moe_torch.py"):
         assert (out / name).exists(), name
     info = json.loads((out / "moelab_export.json").read_text())
-    assert info["tag"] == "global_step4" and info["mlflow"]["run_id"]
+    meta = read_meta(run_dir)
+    assert meta is not None and meta["ep_size"] == 2
+    assert (info["tag"], info["step"]) == (meta["tag"], meta["step"])
+    logged = logged_eval_loss(info["mlflow"], info["step"])
 
-    # The training model (DeepSpeed's MoE layer) on every expert the two EP ranks wrote.
-    source = resolve_source(trained_moe.run_dir)
-    reference = build_model(source.cfg.model, ep_size=1).eval()
-    reference.load_state_dict(gather_state_dict(source))
-    ids = torch.randint(0, 4000, (2, 48), generator=torch.Generator().manual_seed(1))
-    torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad():
-        want = reference(ids).logits
-
+    cfg = load_config(run_dir / "config.yaml")
+    train = {"micro_batch_size": cfg.train.micro_batch_size, "eval_batches": cfg.train.eval_batches}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    args = [str(out), str(blocks_dir(cfg.data)), str(run_dir), str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(out), str(tmp_path)],
+        [sys.executable, "-c", LOAD_SCRIPT, *args],
         cwd=tmp_path,
         env=subprocess_env(tmp_path),
         capture_output=True,
@@ -108,6 +138,15 @@ def test_export_round_trip_from_ep2_checkpoint(trained_moe: TrainedMoE, tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = torch.load(tmp_path / "out.pt")
-    assert res["dist"] is False
-    torch.testing.assert_close(res["logits"], want, atol=1e-5, rtol=0)
+    assert res["loaded"] == [] and res["dist"] is False
+    assert res["batches"] == [cfg.train.eval_batches] * meta["world_size"]
+    assert abs(res["loss"] - logged) <= 1e-4, f"exported {res['loss']:.6f}, run logged {logged:.6f}"
     assert res["new"].numel() == 12 and isinstance(res["text"], str) and res["text"]
+
+
+def logged_eval_loss(ref: dict[str, str], step: int) -> float:
+    """The `eval/loss` the run logged at `step` (the exported checkpoint's)."""
+    client = MlflowClient(tracking_uri=ref["tracking_uri"])
+    history = {m.step: m.value for m in client.get_metric_history(ref["run_id"], "eval/loss")}
+    assert step in history, f"the run logged eval/loss at steps {sorted(history)}, not at {step}"
+    return history[step]

@@ -22,6 +22,7 @@ from moelab.guard import (
     nonfinite_grads,
     skip_update,
 )
+from trained_moe import checkpoint_tensors
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -103,24 +104,33 @@ def test_skip_leaves_weights_and_optimizer_state_untouched() -> None:
 
 # Real runs: a NaN injected into one step's loss on every rank.
 
-FAULT = ("train=smoke", "train.steps=8", "train.log_every=1", "train.eval_every=0")
+FAULT = ("train=smoke", "train.log_every=1", "train.eval_every=0")
+NAN_EXIT = 3
+"""The launcher's exit code when a non-finite loss or gradient stopped the run."""
+
+
+def saved_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """Every floating tensor of checkpoint `step` (all ranks' model, expert and optimizer
+    files; not the saved RNG states), keyed by file name and path inside the file."""
+    saved = checkpoint_tensors(run_dir, step)
+    assert saved, f"no checkpoint files for step {step}"
+    return {key: t for key, t in saved.items() if t.is_floating_point()}
+
+
+def buffers(run_dir: Path, step: int) -> set[str]:
+    """Keys (as in `saved_tensors`) of the module's buffers: not trained, never updated."""
+    files = (run_dir / "checkpoints" / f"global_step{step}").glob("mp_rank_*_model_states.pt")
+    return {
+        f"{f.name}/module/{name}"
+        for f in files
+        for name in torch.load(f, map_location="cpu", weights_only=False).get("buffer_names", [])
+    }
 
 
 def finite_checkpoint(run_dir: Path, step: int) -> None:
     """Every tensor of checkpoint `step` (model and optimizer shards) is finite."""
-    files = sorted((run_dir / "checkpoints" / f"global_step{step}").glob("*.pt"))
-    assert files
-    for f in files:
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        for t in tensors(state):
-            assert torch.isfinite(t).all(), f"{f.name} holds a non-finite tensor"
-
-
-def tensors(obj: object) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() else []
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else []
-    return [t for item in items for t in tensors(item)]
+    for key, t in saved_tensors(run_dir, step).items():
+        assert torch.isfinite(t).all(), f"{key} holds a non-finite tensor"
 
 
 def the_run(workdir: Path) -> tuple[MlflowClient, Any]:
@@ -132,12 +142,14 @@ def the_run(workdir: Path) -> tuple[MlflowClient, Any]:
 @pytest.mark.slow
 def test_nan_stops_the_run_naming_the_step(tmp_path: Path, shared_cache: Path) -> None:
     overrides = ("model=tiny_dense", "cluster.nproc_per_node=1", "train.checkpoint_every=4")
-    proc = run_launcher(tmp_path, shared_cache, *FAULT, *overrides, "train.inject_nonfinite_step=6")
+    fault = ("train.steps=8", "train.inject_nonfinite_step=6")
+    proc = run_launcher(tmp_path, shared_cache, *FAULT, *overrides, *fault)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode == NAN_EXIT, out[-3000:]
     # ZeRO 0: the NaN loss made NaN gradients, both named.
     message = "moelab: error: step 6: loss=nan and grad norm=inf is not finite; lower train.lr"
     assert message in out, out[-3000:]
+    assert f"moelab-launch: error: the run exited with code {NAN_EXIT}" in proc.stderr
     assert "Traceback" not in out
     (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
     assert read_meta(run_dir)["step"] == 4  # type: ignore[index]
@@ -149,27 +161,40 @@ def test_nan_stops_the_run_naming_the_step(tmp_path: Path, shared_cache: Path) -
     assert sorted(steps) == [1, 2, 3, 4, 5]
 
 
+SKIP_RUNS = {
+    # ZeRO 0: moelab discards the update (the optimizer step becomes a zero_grad).
+    "zero0": ("model=tiny_dense", "zero=stage0", "cluster.nproc_per_node=1"),
+    # ZeRO 2: DeepSpeed's own step finds the NaN gradient norm and leaves the weights alone;
+    # two EP ranks, each writing its experts and its optimizer partition.
+    "zero2": ("model=tiny_moe_top2", "zero=stage2", "parallel=ep2"),
+}
+
+
 @pytest.mark.slow
-def test_nan_step_is_skipped_and_counted(tmp_path: Path, shared_cache: Path) -> None:
-    # ZeRO-2: DeepSpeed's own step finds the NaN gradient norm and leaves the weights alone.
-    overrides = ("model=tiny_moe_top2", "zero=stage2", "parallel=ep2", "train.checkpoint_every=8")
-    proc = run_launcher(
-        tmp_path,
-        shared_cache,
-        *FAULT,
-        *overrides,
-        "train.inject_nonfinite_step=3",
-        "train.skip_nonfinite=true",
-    )
+@pytest.mark.parametrize("zero", list(SKIP_RUNS))
+def test_nan_step_is_skipped_and_counted(tmp_path: Path, shared_cache: Path, zero: str) -> None:
+    """A checkpoint after every step: the one after the skipped step 3 equals the one before
+    it, tensor for tensor (weights and Adam state); step 4, a normal step, changes them all."""
+    steps = ("train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    fault = ("train.inject_nonfinite_step=3", "train.skip_nonfinite=true")
+    proc = run_launcher(tmp_path, shared_cache, *FAULT, *SKIP_RUNS[zero], *steps, *fault)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    client, run = the_run(tmp_path)
-    skipped = client.get_metric_history(run.info.run_id, "train/skipped_steps")
-    assert {m.step: m.value for m in skipped} == {s: float(s >= 3) for s in range(1, 9)}
-    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert sorted(loss) == [1, 2, 4, 5, 6, 7, 8]  # the skipped step has no loss
-    assert all(math.isfinite(v) for v in loss.values())
     (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
-    finite_checkpoint(run_dir, 8)
+    before, skipped, after = (saved_tensors(run_dir, step) for step in (2, 3, 4))
+    assert before.keys() == skipped.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], skipped[k])]
+    assert not changed, f"the skipped step 3 changed {len(changed)} tensors: {changed[:4]}"
+    unchanged = [
+        k for k in skipped.keys() - buffers(run_dir, 4) if torch.equal(skipped[k], after[k])
+    ]
+    assert not unchanged, f"the normal step 4 left {len(unchanged)} unchanged: {unchanged[:4]}"
+    finite_checkpoint(run_dir, 5)
+    client, run = the_run(tmp_path)
+    skips = client.get_metric_history(run.info.run_id, "train/skipped_steps")
+    assert {m.step: m.value for m in skips} == {s: float(s >= 3) for s in range(1, 6)}
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert sorted(loss) == [1, 2, 4, 5]  # the skipped step has no loss
+    assert all(math.isfinite(v) for v in loss.values())
 
 
 class _Engine:
