@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from launcher import gpus
 from launcher.hostfile import Resources
+from launcher.validate import ConfigError
 from moelab.config import MoelabConfig
 from moelab.engine import build_ds_config
 
@@ -27,6 +29,8 @@ PASS_THROUGH_PREFIXES = ("NCCL_", "CUDA_")
 """Also forwarded (DeepSpeed's runner forwards NCCL_* only from a head with a GPU, CUDA_* never)."""
 PER_HOST = ("CUDA_VISIBLE_DEVICES",)
 """Never forwarded: each host's DeepSpeed launcher sets its own from the hostfile's slots."""
+DS_WRAPS = re.compile(r"[^\w@%+=:,./-]")
+"""A value with such a character is put in double quotes by DeepSpeed's runner (add_export)."""
 
 
 @dataclass
@@ -38,7 +42,7 @@ class RunFiles:
     """One command per script: the head's first, then node 1.. for backend no_ssh."""
     env: dict[str, str] = field(default_factory=dict)
     env_file: bool = False
-    """Write .deepspeed_env (pdsh and MPI carry it to the other hosts)."""
+    """Write .deepspeed_env (pdsh carries it to the other hosts)."""
 
     @property
     def command(self) -> list[str]:
@@ -113,22 +117,43 @@ def local_command(cfg: MoelabConfig, run_dir: Path) -> list[str]:
 
 
 def prepare_first(run_dir: Path, command: list[str]) -> list[str]:
-    """`command`, run once the data is prepared on that host (`python -m moelab.data`)."""
-    return ["python", "-m", "moelab.data", "--config", str(run_dir / "config.yaml"), "--", *command]
+    """`command`, run once the data is prepared on that host (`python -m moelab.datacache`:
+    at once when the cache's receipt holds, else `moelab.data`'s full preparation)."""
+    config = str(run_dir / "config.yaml")
+    return ["python", "-m", "moelab.datacache", "--config", config, "--", *command]
 
 
-def deepspeed_commands(cfg: MoelabConfig, run_dir: Path, nodes: int) -> list[list[str]]:
-    """The exact deepspeed CLI invocation(s) for the cluster backend."""
-    c, train = cfg.cluster, _train_args(cfg, run_dir)
+def deepspeed_commands(
+    cfg: MoelabConfig, run_dir: Path, nodes: int, env: dict[str, str] | None = None
+) -> list[list[str]]:
+    """The exact deepspeed CLI invocation(s) for the cluster backend (`env`: the ranks')."""
+    c, train, env = cfg.cluster, _train_args(cfg, run_dir), env or {}
     if c.backend == "local":
         return [local_command(cfg, run_dir)]
     hosts = _hostfile_args(cfg, run_dir)
     if c.backend == "no_ssh":  # the launcher prepares node 0's data; the others do their own
         node = [["deepspeed", *hosts, "--no_ssh", f"--node_rank={n}", *train] for n in range(nodes)]
         return node[:1] + [prepare_first(run_dir, cmd) for cmd in node[1:]]
-    launcher = ["--launcher=openmpi"] if c.backend == "openmpi" else []
+    launcher: list[str] = []
+    if c.backend == "openmpi":
+        launcher = ["--launcher=openmpi", f"--launcher_args={mpirun_args(cfg, env)}"]
     check = ["--no_ssh_check"] if c.no_ssh_check else []
     return [["deepspeed", *launcher, *hosts, *check, *train]]
+
+
+def mpirun_args(cfg: MoelabConfig, env: dict[str, str]) -> str:
+    """mpirun options: ssh options, the interface between hosts, and `-x NAME` for each rank
+    variable (mpirun copies its value from its own environment, command.sh's exports, as it is:
+    DeepSpeed's `-x NAME=VALUE` would keep the quotes it adds around values with spaces)."""
+    c, args = cfg.cluster, []
+    if c.ssh_args:
+        args += ["--mca", "plm_rsh_args", c.ssh_args]
+    if c.socket_ifname:
+        args += ["--mca", "btl_tcp_if_include", c.socket_ifname]
+        args += ["--mca", "oob_tcp_if_include", c.socket_ifname]
+    for key in sorted(env):
+        args += ["-x", key]
+    return shlex.join(args)
 
 
 def rank_env(cfg: MoelabConfig, slots_per_host: int) -> dict[str, str]:
@@ -149,14 +174,33 @@ def forwarded(key: str) -> bool:
     return key in PASS_THROUGH or (key.startswith(PASS_THROUGH_PREFIXES) and key not in PER_HOST)
 
 
+def env_file_value(key: str, value: str) -> str:
+    """`value` as written in .deepspeed_env so that it reaches the ranks of every host as it is.
+
+    DeepSpeed's pdsh runner strips each value, puts it in double quotes if it has a character
+    outside [\\w@%+=:,./-], and joins `export KEY=VALUE; ` into the one command pdsh runs on
+    every host through the remote shell, pdsh first replacing %n, %h and %% in it. So: % is
+    doubled and, when DeepSpeed adds the quotes, \\ " $ ` get a backslash; leading or trailing
+    whitespace (stripped) and line breaks (a line each) cannot be carried.
+    """
+    if value != value.strip() or "\n" in value or "\r" in value:
+        raise ConfigError(
+            f"The rank variable {key}={value!r} cannot reach other hosts through .deepspeed_env: "
+            f"remove its leading or trailing whitespace and line breaks (cluster.env.{key} or "
+            "the launcher's environment)."
+        )
+    value = value.replace("%", "%%")
+    return re.sub(r'([\\"$`])', r"\\\1", value) if DS_WRAPS.search(value) else value
+
+
 def write_scripts(files: RunFiles) -> None:
     """command.sh (and node_N.sh): the environment and the command, re-runnable by hand."""
     bin_dir = Path(sys.executable).parent
     exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(files.env.items())]
     if files.env_file:
         env_file = files.run_dir / ".deepspeed_env"
-        # DeepSpeed reads KEY=VALUE lines verbatim: no quoting, no blank lines.
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(files.env.items())))
+        env_lines = (f"{k}={env_file_value(k, v)}\n" for k, v in sorted(files.env.items()))
+        env_file.write_text("".join(env_lines))
         exports.append(f"export DS_ENV_FILE={shlex.quote(str(env_file))}")
     for n, command in enumerate(files.commands):
         lines = [
@@ -182,11 +226,12 @@ def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None)
     ds_config = build_ds_config(cfg)
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     slots = max(len(s) for s in resources.hosts.values()) if resources else None
+    env = rank_env(cfg, slots or cfg.cluster.nproc_per_node)
     files = RunFiles(
         run_dir=run_dir,
-        commands=deepspeed_commands(cfg, run_dir, cfg.cluster.nodes),
-        env=rank_env(cfg, slots or cfg.cluster.nproc_per_node),
-        env_file=cfg.cluster.backend in ("hostfile", "openmpi"),
+        commands=deepspeed_commands(cfg, run_dir, cfg.cluster.nodes, env),
+        env=env,
+        env_file=cfg.cluster.backend == "hostfile",
     )
     if cfg.cluster.backend == "slurm":
         from launcher.slurm import write_sbatch

@@ -74,7 +74,7 @@ def node_step(cfg: MoelabConfig, run_dir: Path) -> str:
     """What srun runs once per node: the data preparation, then deepspeed with its node rank
     and master from Slurm's env (`launcher.slurm node` adds the hostfile and this node's GPUs)."""
     c = cfg.cluster
-    prepare = ["python", "-m", "moelab.data", "--config", str(run_dir / "config.yaml")]
+    prepare = ["python", "-m", "moelab.datacache", "--config", str(run_dir / "config.yaml")]
     node = ["python", "-m", "launcher.slurm", "node", str(run_dir / "hostfile.slurm")]
     cmd = ["deepspeed", "--no_ssh", f"--master_port={c.master_port}"]
     return (

@@ -1,11 +1,14 @@
 """Two "hosts" on one machine: network namespaces joined by a veth pair, an sshd in each.
 
+Each host also has its own host name (a UTS namespace held by a sleeping process), so what
+runs there, the sshd and all it starts included, reports `moelab-a` or `moelab-b`.
 Root only. Everything created is named after this process and removed by `teardown`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +18,7 @@ from pathlib import Path
 
 SUBNET = "10.77.0"
 IFNAME = "eth77"  # the same name in both namespaces, so one GLOO_SOCKET_IFNAME fits all
+HOSTNAMES = ("moelab-a", "moelab-b")
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -27,15 +31,10 @@ def missing_prerequisite() -> str | None:
         return "needs root (network namespaces)"
     if shutil.which("ip") is None:
         return "needs iproute2's `ip`"
+    if shutil.which("nsenter") is None or shutil.which("unshare") is None:
+        return "needs util-linux's `nsenter` and `unshare`"
     if shutil.which("sshd", path="/usr/sbin:/usr/bin") is None or shutil.which("pdsh") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"]
-        proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-        if proc.returncode != 0:  # a fresh machine has no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
-            proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-        if proc.returncode != 0:
-            return "could not install openssh-server and pdsh: " + proc.stderr[-300:]
+        return "needs openssh-server and pdsh (.ci/run installs them)"
     return None
 
 
@@ -46,6 +45,8 @@ class TwoHosts:
     workdir: Path
     tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
     created: list[str] = field(default_factory=list)
+    holders: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """One sleeping process per host holding its UTS namespace (its host name)."""
 
     @property
     def namespaces(self) -> list[str]:
@@ -67,7 +68,24 @@ class TwoHosts:
         )
 
     def in_ns(self, n: int) -> list[str]:
-        return ["ip", "netns", "exec", self.namespaces[n]]
+        """Prefix that runs a command on host `n`: its network and its host name."""
+        return ["nsenter", f"--target={self.holders[n].pid}", "--net", "--uts", "--"]
+
+    def link_bytes(self, n: int) -> int:
+        """Bytes received plus sent so far on host `n`'s end of the link (kernel counters)."""
+        out = sh("ip", "-n", self.namespaces[n], "-j", "-s", "link", "show", "dev", IFNAME)
+        stats = json.loads(out.stdout)[0]["stats64"]
+        return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+
+    def environ_of(self, n: int, needle: str) -> dict[str, str] | None:
+        """The environment of a process on host `n` whose command line contains `needle`."""
+        for pid in sh("ip", "netns", "pids", self.namespaces[n], check=False).stdout.split():
+            with contextlib.suppress(OSError):
+                if needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    pairs = (v.decode(errors="replace").partition("=") for v in raw if v)
+                    return {k: v for k, _, v in pairs}
+        return None
 
     def hostfile(self) -> Path:
         path = self.workdir / "hostfile"
@@ -87,7 +105,23 @@ class TwoHosts:
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFNAME)
             sh("ip", "-n", ns, "link", "set", IFNAME, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for ns, name in zip((a, b), HOSTNAMES, strict=True):
+            self._hold_uts(ns, name)
         self._start_sshd()
+
+    def _hold_uts(self, ns: str, name: str) -> None:
+        """A process in namespace `ns` with a new UTS namespace whose host name is `name`."""
+        set_name = f"hostname {name} && exec sleep infinity"
+        holder = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", set_name]
+        )  # ip and unshare exec, no fork: the pid is the holder's
+        self.holders.append(holder)
+        for _ in range(100):
+            probe = sh(*self.in_ns(len(self.holders) - 1), "hostname", check=False)
+            if probe.stdout.strip() == name:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the host name of {ns} did not become {name}")
 
     def _start_sshd(self) -> None:
         ssh = self.workdir / "ssh"
@@ -131,3 +165,7 @@ class TwoHosts:
                     os.kill(int(pid), 9)
             sh("ip", "netns", "del", ns, check=False)
         self.created.clear()
+        for holder in self.holders:
+            holder.kill()
+            holder.wait(timeout=10)
+        self.holders.clear()

@@ -1,9 +1,13 @@
 """A throwaway two-node Slurm 22.05 cluster on this machine, entirely inside a temp folder.
 
 Root only. Debian's `slurm-wlm` and `munge` (installed when missing); its own munge key and
-socket (`AuthInfo=socket=`), its own `slurm.conf` (`SLURM_CONF`), one `slurmctld` and two
-`slurmd -N n1|n2` on 127.0.0.1 with free ports; no accounting, no cgroups. `stop` ends every
-daemon and job step it started and removes the folder, whatever state the tests left.
+socket (`AuthInfo=socket=`), its own `slurm.conf` (`SLURM_CONF`); no accounting, no cgroups.
+The two nodes are two network hosts: `slurmd -N n1|n2` each runs in its own network and UTS
+namespace (host name n1|n2), on a veth link to a bridge in this machine's namespace, with its
+own address (NodeAddr); `slurmctld` stays here and listens on the bridge's address. Whatever
+a job starts on a node (its ranks) inherits the node's namespaces. `stop` ends every daemon
+and job step it started, removes the namespaces, the bridge and the folder, whatever state
+the tests left.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PACKAGES = ("slurm-wlm", "munge")
 NODES = ("n1", "n2")
 PARTITION = "debug"
+IFNAME = "slurm0"  # each node's link, one name on both: one GLOO_SOCKET_IFNAME fits all
 
 
 def sh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,45 +33,118 @@ def sh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
 
 
 def missing_prerequisite() -> str | None:
-    """Why the cluster cannot be built here (None when it can); installs the packages."""
+    """Why the cluster cannot be built here (None when it can)."""
     if os.geteuid() != 0:
-        return "needs root (munged and slurmd run as root)"
+        return "needs root (munged and slurmd run as root, the nodes in network namespaces)"
+    tools = [t for t in ("ip", "nsenter", "unshare") if shutil.which(t, path="/usr/sbin:/usr/bin")]
+    if len(tools) < 3:
+        return "needs iproute2's `ip` and util-linux's `nsenter` and `unshare` (the nodes' hosts)"
     if all(shutil.which(b, path="/usr/sbin:/usr/bin") for b in ("slurmctld", "slurmd", "munged")):
         return None
-    if shutil.which("apt-get") is None:
-        return "slurm-wlm and munge are not installed and there is no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
-    proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-    if proc.returncode != 0:  # a fresh machine has no package lists yet
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
-        proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-    if proc.returncode != 0:
-        return "could not install slurm-wlm and munge: " + proc.stderr[-300:]
-    return None
+    return "slurm-wlm and munge are not installed (.ci/run installs them)"
 
 
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind(("", 0))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
 
 
-def slurm_conf(d: Path, ports: list[int]) -> str:
+def ip(*args: str) -> None:
+    proc = sh("ip", *args)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Slurm test cluster: ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+@dataclass
+class NodeNetwork:
+    """A bridge here and one namespace per node on a veth link to it, named after `tag`."""
+
+    tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
+    undo: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def subnet(self) -> str:
+        return f"10.78.{int(self.tag) % 250}"
+
+    @property
+    def bridge(self) -> str:
+        return f"mlsbr{self.tag}"
+
+    @property
+    def controller(self) -> str:
+        """slurmctld's address: the bridge's, in this machine's namespace."""
+        return f"{self.subnet}.254"
+
+    def namespace(self, node: str) -> str:
+        return f"mls{self.tag}{node}"
+
+    def address(self, node: str) -> str:
+        return f"{self.subnet}.{NODES.index(node) + 1}"
+
+    def up(self) -> None:
+        ip("link", "add", self.bridge, "type", "bridge")
+        self.undo.append(("link", "del", self.bridge))
+        ip("addr", "add", f"{self.controller}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        for node in NODES:
+            self._node_up(node)
+
+    def _node_up(self, node: str) -> None:
+        ns, here = self.namespace(node), f"{self.namespace(node)}h"
+        ip("netns", "add", ns)
+        self.undo.append(("netns", "del", ns))
+        ip("link", "add", here, "type", "veth", "peer", "name", IFNAME, "netns", ns)
+        self.undo.append(("link", "del", here))
+        ip("link", "set", here, "master", self.bridge, "up")
+        ip("-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", IFNAME)
+        ip("-n", ns, "link", "set", IFNAME, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+
+    def on(self, node: str) -> list[str]:
+        """The prefix that runs a command in `node`'s network namespace."""
+        return ["ip", "netns", "exec", self.namespace(node)]
+
+    def enter(self, node: str) -> list[str]:
+        """The prefix that runs a command as host `node`: its network and its host name (not
+        `ip netns exec`, whose own /sys hides the cgroup mount slurmd needs)."""
+        named = 'hostname "$0" && exec "$@"'
+        net = f"--net=/run/netns/{self.namespace(node)}"
+        return ["nsenter", net, "unshare", "--uts", "sh", "-c", named, node]
+
+    def link_bytes(self, node: str) -> tuple[int, int]:
+        """(received, sent) bytes so far on `node`'s link, from its namespace's own counters."""
+        stats = f"/sys/class/net/{IFNAME}/statistics"
+        out = sh(*self.on(node), "cat", f"{stats}/rx_bytes", f"{stats}/tx_bytes").stdout.split()
+        return int(out[0]), int(out[1])
+
+    def down(self) -> None:
+        """Kill what still runs on the nodes (ranks of a failed test), then remove it all."""
+        for node in NODES:
+            for pid in sh("ip", "netns", "pids", self.namespace(node)).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for step in reversed(self.undo):
+            sh("ip", *step)
+        self.undo.clear()
+
+
+def slurm_conf(d: Path, ports: list[int], net: NodeNetwork) -> str:
     host = socket.gethostname().split(".")[0]
-    nodes = [
-        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=4 RealMemory=1000"
-        for n, p in zip(NODES, ports[1:], strict=True)
+    nodes = [  # both slurmd on one port: each has its own address
+        f"NodeName={n} NodeHostname={n} NodeAddr={net.address(n)} Port={ports[1]} CPUs=4 "
+        "RealMemory=1000"
+        for n in NODES
     ]
     return "\n".join(
         [
             f"ClusterName=moelab{os.getpid() % 10000}",
-            f"SlurmctldHost={host}",
+            f"SlurmctldHost={host}({net.controller})",
             "SlurmUser=root",
             f"AuthInfo=socket={d}/munge.sock",
             f"SlurmctldPort={ports[0]}",
@@ -100,6 +177,7 @@ class SlurmCluster:
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="moelab-slurm-")))
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    net: NodeNetwork = field(default_factory=NodeNetwork)
 
     @property
     def conf(self) -> Path:
@@ -110,10 +188,10 @@ class SlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _daemon(self, name: str, *args: str) -> None:
-        log = (self.root / "log" / f"{name}.out").open("wb")
-        self.procs.append(
-            subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        )
+        with (self.root / "log" / f"{name}.out").open("wb") as log:
+            self.procs.append(
+                subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            )
 
     def start(self, timeout: float = 30) -> None:
         d = self.root
@@ -128,10 +206,11 @@ class SlurmCluster:
             f"--seed-file={d}/munged.seed",
         )
         self._wait(lambda: (d / "munge.sock").exists(), timeout, "munged socket")
-        self.conf.write_text(slurm_conf(d, free_ports(3)) + "\n")
+        self.net.up()
+        self.conf.write_text(slurm_conf(d, free_ports(2), self.net) + "\n")
         self._daemon("slurmctld", "slurmctld", "-D")
         for n in NODES:
-            self._daemon(f"slurmd-{n}", "slurmd", "-D", "-N", n)
+            self._daemon(f"slurmd-{n}", *self.net.enter(n), "slurmd", "-D", "-N", n)
         self._wait(self.idle, timeout, "both nodes idle")
 
     def idle(self) -> bool:
@@ -194,4 +273,5 @@ class SlurmCluster:
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "slurmstepd":
                     os.kill(pid, signal.SIGKILL)
+        self.net.down()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import VARIANTS, VariantSweep
-from helpers import run_launcher
+from helpers import run_launcher, unavailable
 from launcher.compose import compose_config, to_schema
 from moelab.models.sizing import count_params
 
@@ -277,12 +278,12 @@ def test_no_ssh_node_scripts_prepare_their_host_first(tmp_path: Path) -> None:
     files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
     config = tmp_path / "run" / "config.yaml"
     assert files.commands[0][0] == "deepspeed", "node 0: the launcher prepares the head"
-    prefix = ["python", "-m", "moelab.data", "--config", str(config), "--", "deepspeed"]
+    prefix = ["python", "-m", "moelab.datacache", "--config", str(config), "--", "deepspeed"]
     assert files.commands[1][: len(prefix)] == prefix
     assert "--no_ssh --node_rank=1" in (tmp_path / "run" / "node_1.sh").read_text()
     then = [sys.executable, "-c", "print('then ran')"]
     proc = subprocess.run(
-        [sys.executable, "-m", "moelab.data", "--config", str(config), "--", *then],
+        [sys.executable, "-m", "moelab.datacache", "--config", str(config), "--", *then],
         env=launcher_env(tmp_path, tmp_path / "cache"), capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
@@ -322,3 +323,113 @@ def test_process_group_timeout_reaches_later_groups(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "moelab: process-group timeout 7 min" in proc.stdout
     assert "later group 0:07:00" in proc.stdout
+
+
+ENV_PROBE = {
+    "MOELAB_PROBE": "a b;touch {marker}; \"$(touch {marker})\" `touch {marker}` \\ 'q' %n %h %%",
+    "MOELAB_PLAIN": "x%n",
+    "MOELAB_EMPTY": "",
+}
+"""cluster.env values a shell would split, expand or run part of, and pdsh would substitute in."""
+
+
+def hostfile_config(tmp_path: Path, backend: str, env: dict[str, str]) -> Any:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=2\nh2 slots=2\n")
+    cfg = to_schema(compose_config([f"cluster={backend}", f"cluster.hostfile={hostfile}"]))
+    cfg.cluster.env = env
+    cfg.cluster.ssh_args, cfg.cluster.socket_ifname = "-i /k -p 2222", "eth7"
+    return cfg
+
+
+def test_env_values_reach_pdsh_hosts_as_they_are(tmp_path: Path) -> None:
+    """.deepspeed_env through DeepSpeed's own pdsh runner and a real pdsh: each value arrives
+    as it is and no part of it runs."""
+    import ast
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+    from deepspeed.launcher.runner import parse_args
+
+    from launcher.launch import resolve_cluster
+    from launcher.render import render
+
+    if shutil.which("pdsh") is None:
+        unavailable("needs pdsh")
+    marker = tmp_path / "injected"
+    values = {k: v.format(marker=marker) for k, v in ENV_PROBE.items()}
+    cfg = hostfile_config(tmp_path, "hostfile", values)
+    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    runner = PDSHRunner(parse_args(files.command[1:]), "world")
+    with (files.run_dir / ".deepspeed_env").open() as fd:  # as deepspeed.launcher.runner reads it
+        for line in fd.readlines():
+            key, val = line.split("=", maxsplit=1)
+            runner.add_export(key, val)
+    command = runner.get_cmd(dict(os.environ), {"localhost": [0]})[0]
+    exports = next(part for part in command if part.startswith("export "))
+    show = f"import os; print(repr({{k: os.environ[k] for k in {sorted(values)}}}))"
+    pdsh = ["pdsh", "-N", "-R", "exec", "-w", "localhost", "bash", "-c"]
+    proc = subprocess.run(
+        [*pdsh, f"{exports}{sys.executable} -c {shlex.quote(show)}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert ast.literal_eval(proc.stdout.strip()) == values
+    assert not marker.exists(), "part of a value ran as a command"
+
+
+@pytest.mark.parametrize("value", [" lead", "trail\t", "two\nlines"])
+def test_env_values_pdsh_cannot_carry_are_refused(tmp_path: Path, value: str) -> None:
+    from launcher.launch import resolve_cluster
+    from launcher.render import render
+    from launcher.validate import ConfigError
+
+    cfg = hostfile_config(tmp_path, "hostfile", {"MOELAB_X": value})
+    with pytest.raises(ConfigError, match=r"cluster\.env\.MOELAB_X"):
+        render(cfg, tmp_path / "run", resolve_cluster(cfg))
+
+
+def test_openmpi_forwards_rank_variables_by_name(tmp_path: Path) -> None:
+    """cluster=openmpi: mpirun gets `-x NAME` (the value from command.sh's quoted export, as it
+    is), the ssh options and the interface; no .deepspeed_env, whose values DeepSpeed would
+    quote into `-x NAME="..."`."""
+    import itertools
+    import os
+
+    from deepspeed.launcher.multinode_runner import OpenMPIRunner
+    from deepspeed.launcher.runner import parse_args
+
+    from launcher.launch import resolve_cluster
+    from launcher.render import render
+
+    values = {k: v.format(marker="m") for k, v in ENV_PROBE.items()}
+    cfg = hostfile_config(tmp_path, "openmpi", values)
+    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    assert not (files.run_dir / ".deepspeed_env").exists()
+    runner = OpenMPIRunner(parse_args(files.command[1:]), "world", {"h1": 2, "h2": 2})
+    mpirun = runner.get_cmd(dict(os.environ), {"h1": [0, 1], "h2": [0, 1]})
+    pairs = list(itertools.pairwise(mpirun))
+    assert {("-x", k) for k in values} | {("-x", "OMP_NUM_THREADS")} <= set(pairs)
+    assert ("plm_rsh_args", "-i /k -p 2222") in pairs and ("btl_tcp_if_include", "eth7") in pairs
+    assert "eth0" not in mpirun
+    assert exported(files.script.read_text(), sorted(values)) == values
+
+
+def exported(script: str, keys: list[str]) -> dict[str, str]:
+    """The values of `keys` after the `export` lines of a rendered script, read by bash."""
+    import ast
+    import subprocess
+    import sys
+
+    exports = "\n".join(ln for ln in script.splitlines() if ln.startswith("export "))
+    show = f"import os; print(repr({{k: os.environ[k] for k in {keys}}}))"
+    proc = subprocess.run(
+        ["bash", "-c", f"{exports}\nexec {sys.executable} -c \"$0\"", show],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return dict(ast.literal_eval(proc.stdout.strip()))

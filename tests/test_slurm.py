@@ -1,9 +1,9 @@
 """cluster=slurm and hydra/launcher=submitit_slurm on a throwaway two-node Slurm cluster.
 
-(a) a 2-node x 1-rank MoE run completes; (b) a job that fails on its ranks ends FAILED in
-Slurm and MLflow with the rank's error printed; (c) SIGINT to moelab-launch cancels the
-running job; (d) a two-job sweep through submitit keeps MLflow's parent/child runs.
-"""
+The nodes are two network hosts (slurm_cluster.py). (a) a 2-node x 1-rank MoE run completes,
+its all-to-all bytes counted on the link between the nodes; (b) a job that fails on its ranks
+ends FAILED in Slurm and MLflow with the rank's error printed; (c) SIGINT to moelab-launch
+cancels the running job; (d) a two-job sweep through submitit keeps MLflow's parent/child runs."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import launcher_env
+from helpers import launcher_env, unavailable
 from launcher.compose import compose_config, to_schema
 from launcher.slurm import minutes
 from launcher.validate import ConfigError, validate
-from slurm_cluster import PARTITION, SlurmCluster, missing_prerequisite
+from slurm_cluster import IFNAME, NODES, PARTITION, SlurmCluster, missing_prerequisite
 
 FAST = [
     *("train=smoke", "train.steps=2", "train.eval_every=2", "train.eval_batches=1"),
@@ -31,7 +32,10 @@ FAST = [
     *("telemetry.system_metrics=false", "telemetry.peak_tflops=1", "telemetry.heatmap_every=0"),
 ]
 MOE = ["model=tiny_moe_top2", "zero=stage2", "parallel=ep2", *FAST]
-SLURM = ["cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.slurm_time=10"]
+SLURM = [
+    *("cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.slurm_time=10"),
+    f"cluster.socket_ifname={IFNAME}",  # gloo between the nodes: over their link
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,7 @@ def slurm() -> Iterator[SlurmCluster]:
     """One cluster for the module; stopped and removed afterwards, also on failure."""
     reason = missing_prerequisite()
     if reason is not None:
-        print(f"\nSKIPPED Slurm tests: {reason}")
-        pytest.skip(f"Slurm test cluster unavailable: {reason}")
+        unavailable(f"Slurm test cluster unavailable: {reason}")
     cluster = SlurmCluster()
     try:
         cluster.start()
@@ -91,52 +94,69 @@ SWEEP = [
 ]
 
 
+@dataclass
+class Job:
+    """A launch of `started`, and the (received, sent) bytes of node n2's link before it."""
+
+    proc: subprocess.Popen[str]
+    workdir: Path
+    link_before: tuple[int, int]
+
+
 @pytest.fixture(scope="module")
 def started(
     slurm: SlurmCluster, cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, tuple[subprocess.Popen[str], Path]]]:
+) -> Iterator[dict[str, Job]]:
     """(a), (b) and (d) submitted at once: Slurm queues them and they overlap on the cores."""
     specs = {"complete": [*SLURM, *MOE], "fail": [*SLURM, *MOE, *BAD_DATA], "sweep": SWEEP}
-    procs = {}
+    jobs = {}
     try:
         for name, args in specs.items():
-            workdir = tmp_path_factory.mktemp(name)
-            procs[name] = (launch(slurm, workdir, cache, *args), workdir)
-        yield procs
+            workdir, before = tmp_path_factory.mktemp(name), slurm.net.link_bytes(NODES[1])
+            jobs[name] = Job(launch(slurm, workdir, cache, *args), workdir, before)
+        yield jobs
     finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+        for job in jobs.values():
+            if job.proc.poll() is None:
+                job.proc.kill()
+            job.proc.communicate()
 
 
 @pytest.mark.slow
-def test_two_nodes_moe_run_completes(slurm: SlurmCluster, started: dict[str, Any]) -> None:
-    proc, tmp_path = started["complete"]
-    code, out = finish(proc)
+def test_two_nodes_moe_run_completes(slurm: SlurmCluster, started: dict[str, Job]) -> None:
+    job = started["complete"]
+    code, out = finish(job.proc)
+    after = slurm.net.link_bytes(NODES[1])
+    received, sent = (a - b for a, b in zip(after, job.link_before, strict=True))
     assert code == 0, out[-6000:]
-    (run,) = runs(tmp_path)
+    (run,) = runs(job.workdir)
     tags = run.data.tags
     assert run.info.status == "FINISHED"
     assert (tags["world_size"], tags["nodes"]) == ("2", "2")
+    assert tags["hostnames"] == "n1,n2", "each rank ran on its own host"
     assert slurm.job_state(tags["slurm_job_id"])["JobState"] == "COMPLETED"
     assert run.data.metrics["moe/a2a_ms"] > 0, "the all-to-all ran between the two nodes"
     assert "moe/layer_0/a2a_ms" in run.data.metrics
-    # the terminal got node 0's log (rank 0), not node 1's; the master came from the nodelist
+    # rank 1 (node n2) sent its share of every all-to-all through n2's link, and got rank 0's
+    a2a = run.data.metrics["moe/a2a_bytes_total"]
+    assert a2a > 0 and min(sent, received) >= a2a, (
+        f"node n2's link sent {sent} and received {received} bytes during the run; its rank's "
+        f"all-to-alls alone sent {a2a:.0f}"
+    )
+    # the terminal got node 0's log (rank 0), not node 1's; the master is node n1's NodeAddr
     assert "--node_rank=0" in out and "--node_rank=1" not in out
-    assert "--master_addr=127.0.0.1" in out
+    assert f"--master_addr={slurm.net.address(NODES[0])}" in out
     run_dir = Path(tags["run_dir"])
     assert "--node_rank=1" in (run_dir / "train-node1.log").read_text()
     assert (run_dir / "hostfile.slurm").read_text() == "n1 slots=1\nn2 slots=1\n"
 
 
 @pytest.mark.slow
-def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Any]) -> None:
-    proc, tmp_path = started["fail"]
-    code, out = finish(proc)
+def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Job]) -> None:
+    code, out = finish(started["fail"].proc)
     assert code != 0, out[-3000:]
     assert "Couldn't find any data file at /nonexistent/moelab-data" in out
-    (run,) = runs(tmp_path)
+    (run,) = runs(started["fail"].workdir)
     assert run.info.status == "FAILED"
     assert slurm.job_state(run.data.tags["slurm_job_id"])["JobState"] == "FAILED"
 
@@ -169,9 +189,9 @@ def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path
 
 
 @pytest.mark.slow
-def test_submitit_sweep_parent_and_children(started: dict[str, Any]) -> None:
-    proc, tmp_path = started["sweep"]
-    code, out = finish(proc)
+def test_submitit_sweep_parent_and_children(started: dict[str, Job]) -> None:
+    code, out = finish(started["sweep"].proc)
+    tmp_path = started["sweep"].workdir
     assert code == 0, out[-6000:]
     (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
@@ -295,8 +315,8 @@ def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
     render(cfg, tmp_path)
     step = next(ln for ln in (tmp_path / "job.sbatch").read_text().splitlines() if "srun " in ln)
     assert (
-        f"python -m moelab.data --config {tmp_path}/config.yaml && exec python -m launcher.slurm "
-        f"node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
+        f"python -m moelab.datacache --config {tmp_path}/config.yaml && exec "
+        f"python -m launcher.slurm node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
     ) in step
     hostfile = tmp_path / "hostfile.slurm"  # what the job writes from its node list
     hostfile.write_text("n1 slots=2\nn2 slots=2\n")

@@ -110,7 +110,9 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
 
     timeout = timedelta(minutes=timeout_minutes)
-    deepspeed.init_distributed(timeout=timeout)
+    # Under mpirun DeepSpeed rendezvouses on its default port unless told cluster.master_port.
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(timeout=timeout, distributed_port=port)
     import torch.distributed as dist
     from torch.distributed import distributed_c10d
 

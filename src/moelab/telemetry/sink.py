@@ -467,7 +467,8 @@ def start_system_metrics(info: DistInfo, interval_s: float) -> SystemMetrics | N
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if info.local_rank != 0 or not run_id:
         return None
-    node = os.environ.get("CROSS_RANK", "0")  # the deepspeed launcher's node index
+    # The deepspeed launcher's node index; mpirun sets no CROSS_RANK (ranks fill hosts in order).
+    node = os.environ.get("CROSS_RANK") or str(info.rank // max(info.local_world_size, 1))
     monitor = SystemMetrics(run_id, interval_s, f"{socket.gethostname()}-node{node}")
     monitor.start()
     return monitor
