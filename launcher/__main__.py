@@ -24,12 +24,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from launcher import sweep
-from launcher.compose import CONFIG_DIR, register_schema, to_schema
+from launcher.compose import CONFIG_DIR, compose_config, register_schema, to_schema
 from launcher.hostfile import Resources
 from launcher.launch import resolve_cluster
 from launcher.render import RunFiles, render, write_scripts
 from launcher.sweep import JobOutcome
-from launcher.validate import ConfigError, validate
+from launcher.validate import (
+    ConfigError,
+    validate,
+    validate_counts,
+    validate_reliability,
+    validate_runs_root,
+)
 from moelab.checkpoint import check_layout, read_meta
 from moelab.config import MoelabConfig, load_config
 
@@ -50,6 +56,37 @@ def check(cfg: MoelabConfig) -> Resources | None:
 
         check_cluster(cfg)  # asks the Slurm controller
     return resources
+
+
+def precheck(argv: list[str]) -> None:
+    """Refuse a bad config before Hydra creates a directory: a run is checked in full, a sweep
+    for launch.runs_root only (each job is checked on its own). What does not compose is left
+    to Hydra, which reports it; so are Hydra's informational flags."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = get_args_parser().parse_args(argv)
+    own_config = args.config_path or args.config_name or args.config_dir
+    informational = args.help or args.hydra_help or args.cfg or args.info
+    if own_config or informational or args.shell_completion or args.experimental_rerun:
+        return
+    multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        cfg = to_schema(compose_config([o for o in fixed if o is not None]))
+    except (HydraException, OmegaConfBaseException):
+        return
+    try:
+        if multirun:
+            validate_runs_root(cfg)
+        else:
+            resolve_cluster(cfg)
+            validate(cfg)
+    except ConfigError as err:
+        fail(str(err))
 
 
 def launch(
@@ -152,12 +189,13 @@ def prepare_and_execute(files: RunFiles, resume: bool) -> tuple[int, str]:
 
 def prepare_data(files: RunFiles, append: bool) -> int:
     """Tokenize and cache the corpus on this host before any rank starts (`python -m
-    moelab.data`; the ranks only load the cache), its output the start of train.log; the exit
-    code, 128 + SIGINT when Ctrl-C stopped it."""
+    moelab.datacache`, which returns at once when the cache's receipt holds; the ranks only load
+    the cache), its output the start of train.log; the exit code, 128 + SIGINT on Ctrl-C."""
     from launcher import launch as launch_mod
 
     launch_mod.received.clear()
-    command = [sys.executable, "-m", "moelab.data", "--config", str(files.run_dir / "config.yaml")]
+    config = str(files.run_dir / "config.yaml")
+    command = [sys.executable, "-m", "moelab.datacache", "--config", config]
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | files.env
     )
@@ -235,8 +273,11 @@ RESUMABLE = ("train.stop_after", "train.checkpoint_every", "train.keep_checkpoin
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> MoelabConfig:
-    """The run dir's config.yaml with `overrides` (keys in RESUMABLE) applied and saved."""
+    """The run dir's config.yaml with `overrides` (keys in RESUMABLE) applied, checked and
+    saved (a refused override leaves the file as it was)."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -246,7 +287,18 @@ def resume_config(run_dir: Path, overrides: list[str]) -> MoelabConfig:
         key, _, value = item.partition("=")
         if key not in RESUMABLE:
             fail(f"{key} cannot change on resume (only {', '.join(RESUMABLE)}); start a new run.")
-        OmegaConf.update(node, key, OmegaConf.create({"v": value}).v)  # yaml-typed
+        try:
+            OmegaConf.update(node, key, yaml.safe_load(value))  # "4" -> 4
+            OmegaConf.merge(OmegaConf.structured(MoelabConfig), node)  # type-checks
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            fail(f"{item} is not a valid value ({str(err).splitlines()[0]}).")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoelabConfig), node))
+    assert isinstance(cfg, MoelabConfig)
+    try:
+        validate_counts(cfg)
+        validate_reliability(cfg.train)
+    except ConfigError as err:
+        fail(str(err))
     OmegaConf.save(node, path)
     return load_config(path)
 
@@ -281,6 +333,7 @@ def main() -> None:
         if code != 0:
             fail(f"resumed run stopped with code {code}; see {sys.argv[2]}/train.log", code)
         return
+    precheck(sys.argv[1:])
     sweep.reset()
     try:
         app()

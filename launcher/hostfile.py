@@ -12,11 +12,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.validate import ConfigError
+from launcher.validate import MAX_HOSTS, MAX_RANKS_PER_HOST, ConfigError
 from moelab.config import ClusterConfig
 
 HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
+SLOTS = re.compile(r"^[0-9]+$")
+MAX_BYTES = 1024 * 1024
 
 
 def is_plain_host(name: str) -> bool:
@@ -40,9 +42,28 @@ def _parse_line(raw: str, where: str) -> tuple[str, int] | None:
     host, slots = match["host"], match["slots"]
     if not is_plain_host(host):
         raise ConfigError(f"{where}: {host!r} is not a plain host name or IP address.")
-    if not slots.isdigit() or int(slots) < 1:
+    digits = slots.lstrip("0")  # int() refuses a string of over 4300 digits
+    if not SLOTS.match(slots) or not digits:
         raise ConfigError(f"{where}: slots={slots} must be a positive whole number.")
-    return host, int(slots)
+    if len(digits) > 6 or int(digits) > MAX_RANKS_PER_HOST:
+        raise ConfigError(
+            f"{where}: slots={slots} is above the limit of {MAX_RANKS_PER_HOST} ranks per host; "
+            "lower it."
+        )
+    return host, int(digits)
+
+
+def _read(p: Path) -> list[str]:
+    """The hostfile's lines; ConfigError when it is too large or not UTF-8 text."""
+    if p.stat().st_size > MAX_BYTES:
+        raise ConfigError(
+            f"cluster.hostfile={p} is larger than {MAX_BYTES // 1024} KiB; give a hostfile of "
+            "`hostname slots=N` lines."
+        )
+    try:
+        return p.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"cluster.hostfile={p} is not UTF-8 text; give a hostfile.") from None
 
 
 def parse_hostfile(path: str | Path) -> OrderedDict[str, int]:
@@ -51,7 +72,7 @@ def parse_hostfile(path: str | Path) -> OrderedDict[str, int]:
     if not p.is_file():
         raise ConfigError(f"cluster.hostfile={path} does not exist; give a hostfile path.")
     hosts: OrderedDict[str, int] = OrderedDict()
-    for n, raw in enumerate(p.read_text().splitlines(), start=1):
+    for n, raw in enumerate(_read(p), start=1):
         entry = _parse_line(raw, f"cluster.hostfile line {n}")
         if entry is None:
             continue
@@ -59,6 +80,11 @@ def parse_hostfile(path: str | Path) -> OrderedDict[str, int]:
         if host in hosts:
             raise ConfigError(f"cluster.hostfile line {n}: host {host} is listed twice.")
         hosts[host] = slots
+        if len(hosts) > MAX_HOSTS:
+            raise ConfigError(
+                f"cluster.hostfile={path} lists more than {MAX_HOSTS} hosts, the limit; "
+                "split the cluster."
+            )
     if not hosts:
         raise ConfigError(f"cluster.hostfile={path} lists no hosts; add `hostname slots=N`.")
     return hosts

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import ParseResult, urlparse
 
 from moelab.config import (
@@ -29,6 +30,66 @@ from moelab.config import (
 
 IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+MAX_RANKS_PER_HOST = 1024
+"""Ranks (processes) one host may start: hostfile slots, cluster.nproc_per_node."""
+MAX_HOSTS = 10_000
+MAX_STEPS = 10**9
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+COUNT_LIMITS: dict[str, int] = {
+    "model.d_model": 2**16,
+    "model.n_layers": 4096,
+    "model.n_heads": 4096,
+    "model.n_kv_heads": 4096,
+    "model.mlp_hidden_size": 2**20,
+    "model.vocab_size": 2**24,
+    "model.vocab_multiple": 2**16,
+    "model.max_seq_len": 2**22,
+    "model.moe.num_experts": 2**16,
+    "model.moe.min_capacity": 2**24,
+    "model.moe.expert_hidden_size": 2**20,
+    "model.moe.granularity": 1024,
+    "model.moe.granularity_round": 2**16,
+    "zero.reduce_bucket_size": 2**34,
+    "parallel.ep_size": 2**16,
+    "data.tokenizer_vocab_size": 2**24,
+    "data.num_proc": 1024,
+    "data.seed": MAX_SEED,
+    "train.steps": MAX_STEPS,
+    "train.micro_batch_size": 2**16,
+    "train.grad_accum": 2**16,
+    "train.log_every": MAX_STEPS,
+    "train.eval_every": MAX_STEPS,
+    "train.eval_batches": 2**20,
+    "train.seed": MAX_SEED,
+    "train.threads_per_rank": 1024,
+    "train.checkpoint_every": MAX_STEPS,
+    "train.keep_checkpoints": 2**20,
+    "train.inject_nonfinite_step": MAX_STEPS,
+    "cluster.nodes": MAX_HOSTS,
+    "cluster.gpus_per_node": MAX_RANKS_PER_HOST,  # sets nproc_per_node: named first
+    "cluster.nproc_per_node": MAX_RANKS_PER_HOST,
+    "cluster.world_size": MAX_HOSTS * MAX_RANKS_PER_HOST,
+    "cluster.num_nodes": MAX_HOSTS,
+    "cluster.timeout_minutes": 7 * 24 * 60,
+    "telemetry.heatmap_every": MAX_STEPS,
+    "telemetry.moe_timing_every": MAX_STEPS,
+}
+"""Upper bound of each whole-number key: checked before any other rule uses the number (a
+count sizes processes, lists or buffers)."""
+
+BOUNDED_BY_RULE = (
+    "model.moe.top_k",
+    "model.moe.moe_layer_frequency",
+    "zero.stage",
+    "data.seq_len",
+    "train.warmup_steps",
+    "train.stop_after",
+    "train.fp16_initial_scale_power",
+    "cluster.master_port",
+)
+"""Whole-number keys whose own rule bounds them from above (a set, a range or another key)."""
 
 
 class ConfigError(ValueError):
@@ -51,6 +112,19 @@ def _positive(key: str, value: float) -> None:
 
 def _at_least(key: str, value: float, low: float) -> None:
     _require(value >= low, f"{key}={value} must be at least {low}.")
+
+
+def validate_counts(cfg: MoelabConfig) -> None:
+    """Every key of COUNT_LIMITS is at most its limit."""
+    for key, limit in COUNT_LIMITS.items():
+        node: Any = cfg
+        for name in key.split("."):
+            node = getattr(node, name)
+        value: int | None = node
+        _require(
+            value is None or value <= limit,
+            f"{key}={value} is above the limit of {limit}; lower it.",
+        )
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -297,11 +371,21 @@ def validate_cluster(cfg: MoelabConfig, planning: bool = False) -> None:
         f"cluster.timeout_minutes={c.timeout_minutes} must be positive (minutes a collective "
         "may wait on a peer before the run fails).",
     )
+    _require(
+        planning or c.backend != "local" or c.world_size in (0, c.nproc_per_node),
+        f"cluster.world_size={c.world_size} is not the {c.nproc_per_node} ranks of cluster=local; "
+        "drop cluster.world_size.",
+    )
     _require("\n" not in c.ssh_args, "cluster.ssh_args must be one line.")
     for key, value in c.env.items():
         _require(
             ENV_KEY.match(key) is not None and "\n" not in str(value),
             f"cluster.env.{key} must be a NAME=one-line-value pair.",
+        )
+        _require(
+            str(value) == str(value).strip(),
+            f"cluster.env.{key} must not start or end with whitespace; DeepSpeed's runner "
+            "strips it, so remove it.",
         )
     if c.backend == "local" and not planning:
         validate_local_gpus(c.nproc_per_node)
@@ -402,9 +486,10 @@ def validate_telemetry(cfg: MoelabConfig) -> None:
 
 
 def validate_runs_root(cfg: MoelabConfig) -> None:
-    """launch.runs_root must be creatable and writable (checked before launching only)."""
+    """launch.runs_root and its experiment folder (where Hydra puts the run dir) must be
+    creatable and writable (checked before launching only)."""
     root = Path(cfg.launch.runs_root).expanduser().absolute()
-    existing = root
+    existing = root / cfg.tracking.experiment
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     why = "is not a directory" if not existing.is_dir() else _write_probe(existing)
@@ -432,6 +517,7 @@ def _plain_host(name: str) -> bool:
 
 def validate(cfg: MoelabConfig, *, planning: bool = False) -> None:
     """Every rule; `planning` allows planning-only presets (e.g. arctic_480b)."""
+    validate_counts(cfg)
     validate_model(cfg.model)
     _require(
         planning or not cfg.model.planning_only,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import run_launcher
+from helpers import run_launcher, unavailable
 from netns import TwoHosts, missing_prerequisite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +47,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     """Two namespaces on a veth link, an sshd in each; removed afterwards, also on failure."""
     reason = missing_prerequisite()
     if reason is not None:
-        print(f"\nSKIPPED two-host tests: {reason}")
-        pytest.skip(f"two-host network unavailable: {reason}")
+        unavailable(f"two-host network unavailable: {reason}")
     hosts = TwoHosts(tmp_path_factory.mktemp("two-hosts"))
     try:
         hosts.setup()
@@ -100,3 +102,47 @@ def variant_sweep(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) 
     proc = run_launcher(work, shared_cache, *VARIANT_SWEEP, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return VariantSweep(work, proc, MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
+
+
+Rejects = Callable[[list[str], str], None]
+
+
+@pytest.fixture
+def cli_rejects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Rejects:
+    """`rejects(args, message)`: `moelab-launch ARGS` run in this process (the entry point
+    `launcher.__main__.main`) in tmp_path exits 2 with one stderr line holding `message`, no
+    traceback, and leaves tmp_path as it was (no run dir, no MLflow store); starting a process
+    (subprocess.Popen, which every launch path goes through) fails the test there."""
+    from launcher.__main__ import main
+
+    started: list[str] = []
+
+    def tripwire(args: Any, *_: Any, **__: Any) -> NoReturn:
+        started.append(str(args))
+        raise AssertionError(f"moelab-launch started a process: {args}")
+
+    def rejects(args: list[str], message: str) -> None:
+        before = sorted(tmp_path.rglob("*"))
+        children = {p.pid for p in psutil.Process().children(recursive=True)}
+        with monkeypatch.context() as m:
+            m.chdir(tmp_path)
+            m.setattr(sys, "argv", ["moelab-launch", *args])
+            m.setattr(subprocess, "Popen", tripwire)
+            for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+                m.delenv(key)
+            m.setenv("HYDRA_FULL_ERROR", "0")
+            with pytest.raises(SystemExit) as exit_:
+                main()
+        out, err = capsys.readouterr()
+        assert started == [], f"processes started: {started}"
+        assert "Traceback" not in out + err, err
+        assert exit_.value.code == 2, out + err
+        assert out == "" and err.count("\n") == 1 and err.endswith(".\n"), out + err
+        assert err.startswith("moelab-launch: error: ") and message in err, err
+        assert sorted(tmp_path.rglob("*")) == before, "left files behind (run dir, MLflow store)"
+        new = {p.pid for p in psutil.Process().children(recursive=True)} - children
+        assert not new, f"child processes appeared: {new}"
+
+    return rejects

@@ -9,10 +9,20 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A prerequisite (package, privilege, service) is missing: skip on a developer's machine,
+    fail under CI=true, where .ci/run installed everything and a skip would hide a lost test."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and a prerequisite is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -177,7 +177,6 @@ def test_smoke_device_tags_verdict() -> None:
 
 
 def test_smoke_peak_source_for_the_h200() -> None:
-    pytest.importorskip("moelab.devices")
     import gpu_smoke
 
     assert gpu_smoke.peak_source_expected("NVIDIA H200", "bf16") == "table:h200:bf16"

@@ -25,6 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
+from helpers import unavailable
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = [REPO / "Dockerfile", REPO / "docker" / "mlflow" / "Dockerfile"]
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -255,12 +257,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.skipif(
-    not (Path("/usr/sbin/sshd").exists() and shutil.which("ssh") and shutil.which("ssh-keygen")),
-    reason="needs openssh-server and openssh-client",
-)
 def test_entrypoint_worker_runs_sshd_with_mounted_keys() -> None:
     """`entrypoint.sh worker` with a mounted key dir: sshd on the port, key login works."""
+    # looked for when the test runs, after .ci/run installed the packages
+    missing = [b for b in ("/usr/sbin/sshd", "ssh", "ssh-keygen") if shutil.which(b) is None]
+    if missing:
+        unavailable(f"needs openssh-server and openssh-client ({', '.join(missing)} missing)")
     # Under the user's passwd home: sshd's StrictModes checks every parent of the key file up
     # to that home (or to /), and refuses a world-writable one such as /tmp.
     base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "moelab-tests"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Rejects
 from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
 from launcher.hostfile import is_plain_host, parse_hostfile
@@ -15,7 +16,7 @@ from launcher.validate import ConfigError, validate
 MOE = ["model=tiny_moe_top2", "zero=stage2"]
 
 # (hostfile text or None for "no file", extra overrides, expected fragment of the message)
-BAD: list[tuple[str | None, list[str], str]] = [
+BAD: list[tuple[str | bytes | None, list[str], str]] = [
     ("a;touch /tmp/x slots=1\n", [], "expected `hostname slots=N`, got 'a;touch /tmp/x"),
     ("a;touch slots=1\n", [], "'a;touch' is not a plain host name"),
     ("$(id) slots=1\n", [], "'$(id)' is not a plain host name"),
@@ -41,6 +42,17 @@ BAD: list[tuple[str | None, list[str], str]] = [
     ("n1 slots=1\n", ["cluster.master_addr='x;y'"], "cluster.master_addr='x;y' is not a plain"),
     ("n1 slots=1\n", ["cluster.socket_ifname='eth0;id'"], "is not a network interface name"),
     ("n1 slots=1\n", ["+cluster.env.BAD-KEY=1"], "cluster.env.BAD-KEY must be"),
+    # counts read from the file are bounded before DeepSpeed's parser allocates by them
+    ("h1 slots=99999999999\n", [], "slots=99999999999 is above the limit of 1024 ranks per host"),
+    ("h1 slots=1025\n", [], "slots=1025 is above the limit of 1024 ranks per host"),
+    (f"h1 slots={'9' * 5000}\n", [], "is above the limit of 1024 ranks per host"),
+    ("h1 slots=\u00b2\n", [], "slots=\u00b2 must be a positive whole number"),
+    ("h1 slots=00\n", [], "slots=00 must be a positive whole number"),
+    (b"\xff\xfe slots=1\n", [], "is not UTF-8 text"),
+    ("".join(f"h{i} slots=1\n" for i in range(10_001)), [], "lists more than 10000 hosts"),
+    ("#" * (1024 * 1024 + 1), [], "is larger than 1024 KiB"),
+    ("n1 slots=1\n", ["cluster.num_nodes=99999999999"], "cluster.num_nodes=99999999999 exceeds"),
+    ("n1 slots=1\n", ["cluster.nproc_per_node=99999999999"], "nproc_per_node=99999999999 is"),
 ]
 
 
@@ -48,19 +60,41 @@ def compose(hostfile: Path, overrides: list[str]) -> list[str]:
     return [*MOE, "cluster=hostfile", f"cluster.hostfile={hostfile}", *overrides]
 
 
-@pytest.mark.parametrize(("text", "overrides", "message"), BAD, ids=[b[2][:40] for b in BAD])
+def write(hostfile: Path, text: str | bytes | None) -> None:
+    if isinstance(text, bytes):
+        hostfile.write_bytes(text)
+    elif text is not None:
+        hostfile.write_text(text)
+
+
+IDS = [b[2][:40] for b in BAD]
+
+
+@pytest.mark.parametrize(("text", "overrides", "message"), BAD, ids=IDS)
 def test_bad_hostfile_or_cluster(
-    text: str | None, overrides: list[str], message: str, tmp_path: Path
+    text: str | bytes | None, overrides: list[str], message: str, tmp_path: Path
 ) -> None:
     hostfile = tmp_path / "hostfile"
-    if text is not None:
-        hostfile.write_text(text)
+    write(hostfile, text)
     cfg = to_schema(compose_config(compose(hostfile, overrides)))
     with pytest.raises(ConfigError) as err:
         resolve_cluster(cfg)
         validate(cfg)
     assert message in str(err.value)
     assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "overrides", "message"), BAD, ids=IDS)
+def test_cli_rejects_every_row(
+    text: str | bytes | None,
+    overrides: list[str],
+    message: str,
+    tmp_path: Path,
+    cli_rejects: Rejects,
+) -> None:
+    hostfile = tmp_path / "hostfile"
+    write(hostfile, text)
+    cli_rejects(compose(hostfile, overrides), message)
 
 
 def test_good_hostfile_sets_world(tmp_path: Path) -> None:
@@ -89,7 +123,7 @@ def test_plain_host_names() -> None:
 def test_cli_rejects_before_any_process(index: int, tmp_path: Path, shared_cache: Path) -> None:
     text, overrides, message = BAD[index]
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text(text or "")
+    write(hostfile, text)
     proc = run_launcher(tmp_path, shared_cache, *compose(hostfile, overrides), timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]

@@ -1,6 +1,7 @@
-"""A real `mlflow server` (PostgreSQL backend when Debian's postgresql can be had, else sqlite,
-artifacts served by the server), real moelab runs logged to it over HTTP, and the MLflow UI
-in Debian's headless Chromium (Playwright, never `playwright install`) showing them.
+"""A real `mlflow server` (PostgreSQL backend from Debian's postgresql, artifacts served by the
+server), real moelab runs logged to it over HTTP, and the MLflow UI in Debian's headless
+Chromium (Playwright, never `playwright install`) showing them. The Debian packages come from
+.ci/run; where one is missing the tests skip, and fail under CI=true.
 
 Everything started here runs in its own process group and is stopped, also on failure.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import free_port, run_launcher, wait_healthy
+from helpers import free_port, run_launcher, unavailable, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,18 +43,6 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
-
-
-def apt_install(*packages: str) -> str | None:
-    """Install Debian packages; None on success, else why not."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "not root or no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            return f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}"
-    return None
 
 
 def pg_bindir() -> Path | None:
@@ -103,21 +92,15 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def backend_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def backend_uri() -> Iterator[str]:
+    """A PostgreSQL store, the backend of docker/compose.yaml's server (never sqlite)."""
     bindir = pg_bindir()
-    why = None
     if bindir is None:
-        why = apt_install("postgresql")
-        bindir = pg_bindir()
+        unavailable("PostgreSQL is not installed (Debian's postgresql; .ci/run installs it)")
     try:
         import psycopg2  # noqa: F401
     except ImportError:
-        why, bindir = "psycopg2 not installed (pip install psycopg2-binary)", None
-    if bindir is None:
-        uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"
-        print(f"\nMLflow backend: sqlite ({uri}); PostgreSQL unavailable: {why}")
-        yield uri
-        return
+        unavailable("psycopg2 is not installed (pip install -e '.[dev]')")
     pg = Postgres(bindir)
     try:
         uri = pg.start()
@@ -203,31 +186,21 @@ def test_runs_logged_over_http_with_served_artifacts(server: Server) -> None:
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
         arts = {a.path for a in client.list_artifacts(run_id, "config")}
         assert "config/resolved.yaml" in arts
-    if server.backend.startswith("postgresql"):
-        import psycopg2
+    import psycopg2
 
-        with (
-            psycopg2.connect(server.backend.replace("+psycopg2", "")) as conn,
-            conn.cursor() as cur,
-        ):
-            cur.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'")
-            assert cur.fetchone()[0] == len(VARIANTS)
-
-
-def ensure_chromium() -> str | None:
-    """None when /usr/bin/chromium is there (installed with apt-get if missing), else why not."""
-    if CHROMIUM.exists():
-        return None
-    why = apt_install("chromium")
-    return None if CHROMIUM.exists() else f"Chromium not installable: {why}"
+    assert server.backend.startswith("postgresql+psycopg2://"), server.backend
+    with (
+        psycopg2.connect(server.backend.replace("+psycopg2", "")) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'")
+        assert cur.fetchone()[0] == len(VARIANTS)
 
 
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_runs(server: Server, tmp_path: Path) -> None:
-    why = ensure_chromium()
-    if why is not None:
-        print(f"\nSKIPPED MLflow UI test: {why}")
-        pytest.skip(why)
+    if not CHROMIUM.exists():
+        unavailable(f"{CHROMIUM} is missing (Debian's chromium; .ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
     shot = tmp_path / "mlflow_runs.png"

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import re
 from pathlib import Path
 
 import pytest
 
+from conftest import Rejects
 from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
-from launcher.validate import ConfigError, validate
+from launcher.validate import BOUNDED_BY_RULE, COUNT_LIMITS, ConfigError, validate, validate_counts
+from moelab.config import MoelabConfig
 
 BAD = [
     (["model=tiny_moe_top2", "zero=stage3"], "zero=stage3 does not work with model.ffn=moe"),
@@ -30,6 +36,7 @@ BAD = [
     (["data=text_files"], "data.source=text needs data.data_files"),
     (["data=hub"], "data.source=hub needs data.path"),
     (["cluster.nodes=2"], "cluster=local runs on one node"),
+    (["+cluster.env.MOELAB_X=' a'"], "cluster.env.MOELAB_X must not start or end with whitespace"),
     (["zero.stage=4"], "zero.stage=4 is not valid"),
     (["train.lr=0"], "train.lr=0.0 must be positive"),
     (["train.lr=-1e-3"], "train.lr=-0.001 must be positive"),
@@ -83,6 +90,29 @@ BAD = [
     (["train.precision=fp16"], "train.precision=fp16 needs zero.stage 1 or 2"),
     (["train.fp16_initial_scale_power=-1"], "fp16_initial_scale_power=-1 must be between 0"),
     (["telemetry.moe_timing_every=-1"], "telemetry.moe_timing_every=-1 must be at least 0"),
+    # counts from the command line are bounded before anything sizes processes or lists by them
+    (["cluster.nproc_per_node=99999999999"], "cluster.nproc_per_node=99999999999 is above the"),
+    (["cluster.gpus_per_node=4096"], "cluster.gpus_per_node=4096 is above the limit of 1024"),
+    (["cluster.world_size=99999999999"], "cluster.world_size=99999999999 is above the limit"),
+    (["cluster.world_size=7"], "cluster.world_size=7 is not the 2 ranks of cluster=local"),
+    (["cluster.timeout_minutes=99999999999"], "cluster.timeout_minutes=99999999999 is above"),
+    (["cluster.master_port=99999"], "cluster.master_port must be 1024-65535"),
+    (["train.steps=99999999999"], "train.steps=99999999999 is above the limit of 1000000000"),
+    (["train.warmup_steps=99999999999"], "train.warmup_steps=99999999999 must be between 1 and"),
+    (["train.micro_batch_size=99999999999"], "train.micro_batch_size=99999999999 is above the"),
+    (["train.grad_accum=99999999999"], "train.grad_accum=99999999999 is above the limit"),
+    (["train.eval_batches=99999999999"], "train.eval_batches=99999999999 is above the limit"),
+    (["train.seed=4294967296"], "train.seed=4294967296 is above the limit of 4294967295"),
+    (["train.threads_per_rank=99999"], "train.threads_per_rank=99999 is above the limit"),
+    (["train.fp16_initial_scale_power=65"], "fp16_initial_scale_power=65 must be between 0 and 64"),
+    (["data.num_proc=99999"], "data.num_proc=99999 is above the limit of 1024"),
+    (["model.vocab_size=99999999999"], "model.vocab_size=99999999999 is above the limit"),
+    (["model.max_seq_len=99999999999"], "model.max_seq_len=99999999999 is above the limit"),
+    (["model=tiny_moe_top2", "model.moe.num_experts=99999999999"], "num_experts=99999999999 is"),
+    (["zero.reduce_bucket_size=99999999999999"], "zero.reduce_bucket_size=99999999999999 is"),
+    (["launch.runs_root=/dev/null"], "runs_root=/dev/null is not writable (/dev/null is not a"),
+    (["launch.runs_root=/dev/null/runs"], "(/dev/null is not a directory)"),
+    (["launch.runs_root=/proc/self"], "launch.runs_root=/proc/self is not writable (/proc/self "),
 ]
 
 
@@ -111,6 +141,65 @@ GOOD_URIS = [
 @pytest.mark.parametrize("uri", GOOD_URIS)
 def test_good_tracking_uris(uri: str) -> None:
     validate(to_schema(compose_config([f"tracking.uri={uri}"])))
+
+
+def whole_number_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys of the schema's int fields (int or int | None)."""
+    keys = []
+    for f in dataclasses.fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += whole_number_keys(value, f"{prefix}{f.name}.")
+        elif "int" in str(f.type).replace("|", " ").split():
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_every_whole_number_key_is_bounded() -> None:
+    """A new int key needs a limit in COUNT_LIMITS (or a rule of its own bounding it)."""
+    keys = whole_number_keys(MoelabConfig())
+    assert "cluster.nproc_per_node" in keys and "train.steps" in keys
+    assert sorted(keys) == sorted([*COUNT_LIMITS, *BOUNDED_BY_RULE])
+    base = to_schema(compose_config())
+    for key, limit in COUNT_LIMITS.items():
+        cfg = copy.deepcopy(base)
+        section, _, name = key.rpartition(".")
+        node = functools.reduce(getattr, section.split("."), cfg)
+        setattr(node, name, limit + 1)
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}={limit + 1} is above the limit"):
+            validate(cfg)
+        setattr(node, name, limit)
+        validate_counts(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_cli_rejects_every_row(overrides: list[str], message: str, cli_rejects: Rejects) -> None:
+    cli_rejects(overrides, message)
+
+
+RESUME_BAD = [
+    ("train.stop_after=abc", "train.stop_after=abc is not a valid value (Value 'abc' of type"),
+    ("train.stop_after=[1", "train.stop_after=[1 is not a valid value"),
+    ("train.stop_after=99999999999", "train.stop_after=99999999999 is past train.steps=100"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be at least 1"),
+    ("train.checkpoint_every=99999999999", "train.checkpoint_every=99999999999 is above the"),
+    ("train.steps=5", "train.steps cannot change on resume"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), RESUME_BAD, ids=[o for o, _ in RESUME_BAD])
+def test_cli_resume_rejects_bad_overrides(
+    override: str, message: str, tmp_path: Path, cli_rejects: Rejects
+) -> None:
+    """`moelab-launch resume RUN_DIR KEY=VALUE`: refused in one line, config.yaml unchanged."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    OmegaConf.save(OmegaConf.structured(to_schema(compose_config())), run_dir / "config.yaml")
+    saved = (run_dir / "config.yaml").read_text()
+    cli_rejects(["resume", str(run_dir), override], message)
+    assert (run_dir / "config.yaml").read_text() == saved
 
 
 def test_runs_root_under_a_file_is_rejected(tmp_path: Path) -> None:
@@ -154,7 +243,7 @@ def test_cli_rejects_before_launch(
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [lines[0]] and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+    assert not (tmp_path / "runs").exists(), "refused before Hydra made a directory"
     assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for a rejected config"
 
 
