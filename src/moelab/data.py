@@ -43,6 +43,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from moelab import datacache
 from moelab.config import DATA_SOURCES, DataConfig, MoelabConfig, load_config
 
 EOS_TOKEN = "<|endoftext|>"
@@ -488,12 +489,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moelab: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     how = "from the cache" if p.from_cache else "tokenized"
-    print(
-        f"moelab: data ready ({how}, {time.perf_counter() - start:.1f} s): "
-        f"{p.num_train_blocks} train and {p.num_val_blocks} validation blocks of {p.seq_len} "
-        "tokens",
-        flush=True,
+    summary = (
+        f"{p.num_train_blocks} train and {p.num_val_blocks} validation blocks of {p.seq_len} tokens"
     )
+    print(f"moelab: data ready ({how}, {time.perf_counter() - start:.1f} s): {summary}", flush=True)
+    datacache.write_receipt(cfg, [p.path, p.tokenizer_dir], summary)
     if argv[cut + 1 :]:
         os.execvp(argv[cut + 1], argv[cut + 1 :])
 
