@@ -55,6 +55,11 @@ install: $(STAMP)
 # an installed +cpu build of the same version is replaced; DeepSpeed with its cuda accelerator
 # (DS_IGNORE_CUDA_DETECTION: its setup probes nvcc for ops it will not build, and a host with
 # the driver but no CUDA toolkit has none); nvidia-ml-py for MLflow's GPU system metrics.
+# On a CPU, DeepSpeed is built with its shared-memory all-reduce op (DS_BUILD_SHM_COMM; not from
+# pip's wheel cache, which ignores build variables): without it every rank of a first run
+# compiles the op, about 30 s, and again whenever a rank's build flags differ from the cached.
+DS_CPU_BUILD := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1
+DEEPSPEED := deepspeed==$(DEEPSPEED_VERSION)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
@@ -66,7 +71,7 @@ ifeq ($(DEVICE),cuda)
 	$(PY) -m pip install -q -e '.[dev]' nvidia-ml-py==$(NVIDIA_ML_PY_VERSION)
 else
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(DS_CPU_BUILD) $(PY) -m pip install -q --no-cache-dir --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q -e '.[dev]'
 endif
 	touch $@

@@ -138,19 +138,24 @@ def launch_over_ssh(
 def test_hostfile_over_pdsh_ssh(two_hosts: TwoHosts, tmp_path: Path, shared_cache: Path) -> None:
     """Also: a cluster.env value with spaces, quotes, `;`, $(...), backquotes, a backslash and
     %-sequences reaches host b's rank as it is, and no part of it runs as a command."""
-    marker = tmp_path / "injected"
-    value = probe_value(marker)
-    args = [
-        *cluster_args(two_hosts, "hostfile"),
-        f"cluster.ssh_args='{two_hosts.ssh_args}'",
-        "cluster.no_ssh_check=true",
-        f"+cluster.env.{PROBE}={hydra_quoted(value)}",
-    ]
+    args, value = over_ssh_with_probe(two_hosts, "hostfile", tmp_path)
     proc, link, rank_env = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, {})
     assert "pdsh" in proc.stdout, "the runner went through pdsh"
     assert rank_env.get(PROBE) == value
-    assert not marker.exists(), "part of a cluster.env value ran as a command"
+    assert not (tmp_path / "injected").exists(), "part of a cluster.env value ran as a command"
     check_run(tmp_path, link)
+
+
+def over_ssh_with_probe(hosts: TwoHosts, backend: str, tmp_path: Path) -> tuple[list[str], str]:
+    """The overrides of a launch over ssh carrying the probe value, and that value."""
+    value = probe_value(tmp_path / "injected")
+    args = [
+        *cluster_args(hosts, backend),
+        f"cluster.ssh_args='{hosts.ssh_args}'",
+        "cluster.no_ssh_check=true",
+        f"+cluster.env.{PROBE}={hydra_quoted(value)}",
+    ]
+    return args, value
 
 
 @pytest.mark.slow
@@ -160,19 +165,12 @@ def test_openmpi_over_ssh(two_hosts: TwoHosts, tmp_path: Path, shared_cache: Pat
         unavailable("cluster=openmpi needs mpirun (Debian: openmpi-bin)")
     if importlib.util.find_spec("mpi4py") is None:
         unavailable("cluster=openmpi needs mpi4py (DeepSpeed's MPI discovery) in the venv")
-    marker = tmp_path / "injected"
-    value = probe_value(marker)
-    args = [
-        *cluster_args(two_hosts, "openmpi"),
-        f"cluster.ssh_args='{two_hosts.ssh_args}'",
-        "cluster.no_ssh_check=true",
-        f"+cluster.env.{PROBE}={hydra_quoted(value)}",
-    ]
+    args, value = over_ssh_with_probe(two_hosts, "openmpi", tmp_path)
     root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     proc, link, rank_env = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, root)
     assert "mpirun" in proc.stdout, "the runner went through mpirun"
     assert rank_env.get(PROBE) == value and rank_env.get("OMPI_COMM_WORLD_RANK") == "1"
-    assert not marker.exists(), "part of a cluster.env value ran as a command"
+    assert not (tmp_path / "injected").exists(), "part of a cluster.env value ran as a command"
     check_run(tmp_path, link, node_ids=False)
 
 

@@ -17,12 +17,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# What `make install` ran on a CPU host before GPU support: it must stay exactly this.
+# What `make install` runs on a CPU host (as before GPU support, but for DeepSpeed's
+# shared-memory all-reduce op, built at install instead of by the first run's ranks).
 CPU_INSTALL = [
     "test -x .venv/bin/python || python3 -m venv .venv",
     ".venv/bin/python -m pip install -q --upgrade pip setuptools wheel",
     ".venv/bin/python -m pip install -q torch==2.13.0",
-    "DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation deepspeed==0.19.8",
+    "DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install -q "
+    "--no-cache-dir --no-build-isolation deepspeed==0.19.8",
     ".venv/bin/python -m pip install -q -e '.[dev]'",
     "touch .venv/.moelab-installed",
 ]

@@ -160,13 +160,13 @@ def test_sweep_parent_and_child_runs(variant_sweep: VariantSweep) -> None:
 
 @pytest.mark.slow
 def test_sweep_runtime_failure_continues(tmp_path: Path, shared_cache: Path) -> None:
-    """Job 0 passes validation but its ranks fail (no full batch); job 1 still runs."""
+    """Job 0 passes validation but its data preparation fails (no full batch); job 1 runs."""
     proc = run_launcher(
         tmp_path,
         shared_cache,
         "-m",
         "model=tiny_dense",
-        "train.micro_batch_size=100000,4",
+        "train.micro_batch_size=50000,4",
         *TINY,
     )
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -174,13 +174,13 @@ def test_sweep_runtime_failure_continues(tmp_path: Path, shared_cache: Path) -> 
     client, parent, (bad, good) = sweep_runs(tmp_path)
     assert parent.info.status == "FAILED"
     assert (
-        bad.info.status == "FAILED" and bad.data.tags["override.train.micro_batch_size"] == "100000"
+        bad.info.status == "FAILED" and bad.data.tags["override.train.micro_batch_size"] == "50000"
     )
     tail = tail_artifact(client, bad.info.run_id, tmp_path / "tail")
-    assert "fewer than train.micro_batch_size x world size = 200000" in tail
+    assert "fewer than train.micro_batch_size x world size = 100000" in tail
     assert good.info.status == "FINISHED" and "train/loss" in good.data.metrics
     table = summary_lines(proc.stdout)
     assert len(table) == 4
     assert bad.info.run_id in table[2] and "FAILED" in table[2]
-    assert "train.micro_batch_size=100000" in table[2]
+    assert "train.micro_batch_size=50000" in table[2]
     assert good.info.run_id in table[3] and "FINISHED" in table[3]

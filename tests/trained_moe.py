@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import run_launcher
 
-STEPS = 40  # enough for the SIGTERM test to see a checkpoint, signal, and stop before the end
+STEPS = 30  # enough for the SIGTERM test to see a checkpoint, signal, and stop before the end
 RUN = (
     "model=tiny_moe_top2",
     "zero=stage2",
