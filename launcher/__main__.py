@@ -29,6 +29,7 @@ from launcher.hostfile import Resources
 from launcher.launch import resolve_cluster
 from launcher.render import RunFiles, render, write_scripts
 from launcher.sweep import JobOutcome
+from launcher.tracking import PendingRun
 from launcher.validate import (
     ConfigError,
     validate,
@@ -36,6 +37,7 @@ from launcher.validate import (
     validate_reliability,
     validate_runs_root,
 )
+from moelab import runref
 from moelab.checkpoint import check_layout, read_meta
 from moelab.config import MoelabConfig, load_config
 
@@ -110,24 +112,34 @@ def launch(
         if job is not None:
             job.status = "FINISHED"
         return 0
+    from launcher import launch as launch_mod
+
     uri = tracking.resolve_uri(cfg)
-    if job is None:
-        run_id = tracking.create_run(cfg, uri)
-    else:
-        run_id = tracking.create_run(
-            cfg,
-            uri,
-            parent_run_id=sweep.parent_run_id(),
-            tags=sweep.job_tags(job.num, job.overrides),
-        )
-        job.run_id, job.uri = run_id, uri
-    files.env.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id})
-    tracking.save_run_ref(run_dir, uri, run_id)
+    launch_mod.aborted.clear()
+    run = tracking.PendingRun(run_dir, uri, lambda: new_run(cfg, uri, job), launch_mod.abort)
+    if job is not None:
+        job.uri = uri
     if cfg.cluster.backend == "slurm":
         from launcher import slurm
 
+        run_id = run.id()
+        if run_id is None:
+            fail(f"could not create the MLflow run at {run.error}")
+        if job is not None:
+            job.run_id = run_id
         return slurm.run(cfg, files, uri, run_id, job)
-    return execute_tracked(cfg, files, uri, run_id, job)
+    return execute_tracked(cfg, files, run, job)
+
+
+def new_run(cfg: MoelabConfig, uri: str, job: JobOutcome | None) -> str:
+    """Create the launch's MLflow run; a sweep job's is a child of the sweep's parent run and
+    carries the job's overrides as tags."""
+    from launcher import tracking
+
+    if job is None:
+        return tracking.create_run(cfg, uri)
+    tags = sweep.job_tags(job.num, job.overrides)
+    return tracking.create_run(cfg, uri, parent_run_id=sweep.parent_run_id(), tags=tags)
 
 
 def run_status(cfg: MoelabConfig, run_dir: Path, code: int) -> str:
@@ -145,35 +157,50 @@ def run_status(cfg: MoelabConfig, run_dir: Path, code: int) -> str:
 def execute_tracked(
     cfg: MoelabConfig,
     files: RunFiles,
-    uri: str,
-    run_id: str,
+    run: PendingRun,
     job: JobOutcome | None = None,
     resume: bool = False,
 ) -> int:
     """Execute the run dir and end its MLflow run (KILLED, FAILED or FINISHED)."""
     from launcher import launch as launch_mod
-    from launcher import tracking
 
     code, status, step = 1, "FAILED", "data preparation"
     try:
         if not resume:
             write_scripts(files)
-        print(f"moelab-launch: run {run_id} in {files.run_dir}", flush=True)
         code, step = prepare_and_execute(files, resume)
         status = run_status(cfg, files.run_dir, code)
     finally:  # never leave the run RUNNING
-        try:
-            if job is not None and code != 0:
-                job.message = f"{step} exited with code {code}; see {files.log}"
-                tail = sweep.log_tail(files.log)
-                tracking.log_text(uri, run_id, tail, sweep.TAIL_ARTIFACT)
-        finally:
-            tracking.end_run(uri, run_id, status)
-            if job is not None:
-                job.status = status
+        end_tracked(run, files, job, code, status, step)
+    if run.id() is None:  # the ranks were stopped as soon as that was known
+        message = f"could not create the MLflow run at {run.uri} ({run.error}); check tracking.uri"
+        if job is None:
+            fail(message, 1)
+        job.message = message
+        return 1
     if status == "KILLED" or (code != 0 and read_meta(files.run_dir)):
         print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
     return 128 + launch_mod.received[0] if launch_mod.received else code
+
+
+def end_tracked(
+    run: PendingRun, files: RunFiles, job: JobOutcome | None, code: int, status: str, step: str
+) -> None:
+    """End the MLflow run with `status` (a failed sweep job's also gets its log's tail)."""
+    from launcher import tracking
+
+    run_id = run.id()
+    if job is not None:
+        job.run_id, job.status = run_id, status
+        if code != 0:
+            job.message = f"{step} exited with code {code}; see {files.log}"
+    if run_id is None:
+        return
+    try:
+        if job is not None and code != 0:
+            tracking.log_text(run.uri, run_id, sweep.log_tail(files.log), sweep.TAIL_ARTIFACT)
+    finally:
+        tracking.end_run(run.uri, run_id, status)
 
 
 def prepare_and_execute(files: RunFiles, resume: bool) -> tuple[int, str]:
@@ -316,12 +343,13 @@ def resume(run_dir: Path, overrides: list[str]) -> int:
         check_layout(meta, cfg.world_size, cfg.ep_size)
     except (ConfigError, ValueError) as err:
         fail(str(err))
-    uri, run_id = tracking.load_run_ref(run_dir)
+    uri, run_id = runref.read(run_dir)
     tracking.reopen_run(uri, run_id)
+    run = tracking.PendingRun.existing(uri, run_id, run_dir)
     nodes = sorted(run_dir.glob("node_*.sh"))
     files = RunFiles(run_dir, commands=[["bash", str(p)] for p in [run_dir / "command.sh", *nodes]])
     print(f"moelab-launch: resuming from step {meta['step']}", flush=True)
-    return execute_tracked(cfg, files, uri, run_id, resume=True)
+    return execute_tracked(cfg, files, run, resume=True)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import selectors
@@ -36,6 +37,19 @@ def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
 
 received: list[int] = []
 """Signals the last `execute` got (the run was stopped on purpose when non-empty)."""
+aborted: list[str] = []
+"""Why the launcher itself stopped this launch's ranks (`abort`), when non-empty."""
+_running: list[subprocess.Popen[bytes]] = []
+_lock = threading.Lock()
+
+
+def abort(reason: str) -> None:
+    """Stop this launch's ranks now (or keep them from starting): it cannot succeed."""
+    with _lock:
+        aborted.append(reason)
+        for proc in _running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 class RankWatch(threading.Thread):
@@ -113,14 +127,18 @@ def execute(files: RunFiles, append: bool = False) -> int:
         for n in range(1, len(files.commands)):
             print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
     watch = RankWatch()
-    watch.start()
-    proc = subprocess.Popen(
-        ["bash", str(files.script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=os.environ | watch.env(),
-    )
+    with _lock:
+        if aborted:
+            return 1
+        watch.start()
+        proc = subprocess.Popen(
+            ["bash", str(files.script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ | watch.env(),
+        )
+        _running.append(proc)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         forward_signal(proc.pid, signum, files.run_dir)
@@ -130,11 +148,13 @@ def execute(files: RunFiles, append: bool = False) -> int:
         stream(proc, files, append)
         code = proc.wait()
     finally:
+        with _lock:
+            _running.remove(proc)
         watch.done.set()
         watch.join()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if code != 0 and watch.first_dead:
+    if code != 0 and watch.first_dead and not aborted:
         print(f"moelab-launch: {watch.first_dead}; the others were stopped", flush=True)
     return code
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher import gpus
+from launcher import gpus, tracking
 from launcher.hostfile import Resources
 from launcher.validate import ConfigError
 from moelab.config import MoelabConfig
@@ -226,7 +226,7 @@ def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None)
     ds_config = build_ds_config(cfg)
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     slots = max(len(s) for s in resources.hosts.values()) if resources else None
-    env = rank_env(cfg, slots or cfg.cluster.nproc_per_node)
+    env = rank_env(cfg, slots or cfg.cluster.nproc_per_node) | tracking.rank_env(cfg, run_dir)
     files = RunFiles(
         run_dir=run_dir,
         commands=deepspeed_commands(cfg, run_dir, cfg.cluster.nodes, env),

@@ -23,6 +23,7 @@ from typing import IO, NoReturn
 from launcher.render import RunFiles, _train_args, write_scripts
 from launcher.sweep import JobOutcome
 from launcher.validate import ConfigError
+from moelab import runref
 from moelab.config import MoelabConfig
 
 JOB_TAG = "slurm_job_id"
@@ -377,7 +378,7 @@ def end_run(run_dir: Path, code: int) -> None:
     """The job's last step when nobody follows it: end its MLflow run by its exit code."""
     from launcher import tracking
 
-    uri, run_id = tracking.load_run_ref(run_dir)
+    uri, run_id = runref.read(run_dir)
     tracking.end_run(uri, run_id, "FINISHED" if code == 0 else "FAILED")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moelab import runref
 from moelab.config import MoelabConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -104,18 +106,57 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow_client(uri).set_terminated(run_id, status)
 
 
-RUN_REF = "mlflow_run.json"
-"""In the run dir: the MLflow run id and tracking URI, so a resume logs into the same run."""
+def rank_env(cfg: MoelabConfig, run_dir: Path) -> dict[str, str]:
+    """What the ranks need to log into the launch's run: the tracking URI and where the run
+    id will be (`moelab.runref`), known before the run exists."""
+    return {"MLFLOW_TRACKING_URI": resolve_uri(cfg), runref.ENV: str(run_dir / runref.RUN_REF)}
 
 
-def save_run_ref(run_dir: Path, uri: str, run_id: str) -> None:
-    (run_dir / RUN_REF).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
+class PendingRun:
+    """The launch's MLflow run, created in a thread while `deepspeed` starts: importing MLflow
+    and opening its store take seconds the ranks spend starting anyway. The id reaches the
+    ranks through the run dir (`moelab.runref`); `id()` waits for it."""
 
+    def __init__(
+        self,
+        run_dir: Path,
+        uri: str,
+        create: Callable[[], str] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run_dir, self.uri, self.on_failure = run_dir, uri, on_failure
+        self.error: str | None = None
+        self._id: str | None = None
+        self._thread: threading.Thread | None = None
+        if create is not None:
+            self._thread = threading.Thread(target=self._create, args=(create,), daemon=True)
+            self._thread.start()
 
-def load_run_ref(run_dir: Path) -> tuple[str, str]:
-    """(tracking URI, run id) stored by the launch that created `run_dir`."""
-    ref = json.loads((run_dir / RUN_REF).read_text())
-    return str(ref["tracking_uri"]), str(ref["run_id"])
+    @classmethod
+    def existing(cls, uri: str, run_id: str, run_dir: Path) -> PendingRun:
+        """The run a resumed run dir already logs into."""
+        run = cls(run_dir, uri)
+        run._id = run_id
+        return run
+
+    def _create(self, create: Callable[[], str]) -> None:
+        try:
+            self._id = create()
+        except Exception as err:  # reported by id(); the ranks are told through the run dir
+            first = (str(err).splitlines() or [""])[0]
+            self.error = f"{type(err).__name__}: {first[:300]}"
+            runref.write_failure(self.run_dir, f"{self.uri}: {self.error}")
+            if self.on_failure is not None:
+                self.on_failure(self.error)
+            return
+        runref.write(self.run_dir, self.uri, self._id)
+        print(f"moelab-launch: run {self._id} in {self.run_dir}", flush=True)
+
+    def id(self) -> str | None:
+        """The run id once created; None if creating it failed (`error` says why)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._id
 
 
 def reopen_run(uri: str, run_id: str) -> None:

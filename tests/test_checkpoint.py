@@ -1,4 +1,5 @@
-"""Checkpoint/resume: layout checks (fast) and bit-exact resume of a real 2-rank run (slow)."""
+"""Checkpoint/resume building blocks (fast): layout check, RNG states, stop flag. The real
+interrupted and resumed runs are in test_preemption."""
 
 from __future__ import annotations
 
@@ -10,18 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from helpers import run_launcher
 from moelab.checkpoint import check_layout, read_meta, rng_state, set_rng_state
-from trained_moe import (
-    RUN,
-    STEPS,
-    TrainedMoE,
-    checkpoint_tensors,
-    first_steps,
-    trained_moe,  # noqa: F401
-)
 
 
 def test_layout_mismatch_is_one_sentence(tmp_path: Path) -> None:
@@ -64,67 +55,6 @@ def test_other_accelerators_rng_is_a_note_not_a_crash(capsys: pytest.CaptureFixt
     assert (
         f"the checkpoint's {other} RNG states are not restored on {name}" in capsys.readouterr().out
     )
-
-
-def run_dir_of(workdir: Path) -> Path:
-    (run_dir,) = (workdir / "runs" / "moelab").iterdir()
-    return run_dir
-
-
-def only_run(workdir: Path) -> tuple[MlflowClient, object]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("moelab").experiment_id])
-    return client, run
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    client, run = only_run(workdir)
-    history = client.get_metric_history(run.info.run_id, "train/loss")  # type: ignore[attr-defined]
-    steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"duplicate steps: {sorted(steps)}"
-    return {m.step: m.value for m in history}
-
-
-def ok(proc: object) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # type: ignore[attr-defined]
-
-
-@pytest.mark.slow
-def test_stop_and_resume_is_bit_exact(
-    tmp_path: Path,
-    shared_cache: Path,
-    trained_moe: TrainedMoE,  # noqa: F811
-) -> None:
-    """`train.stop_after=3`, then a resume to the end: the same losses and final tensors as the
-    session's uninterrupted reference run (same overrides)."""
-    ok(run_launcher(tmp_path, shared_cache, *RUN, "train.stop_after=3"))
-    run_dir = run_dir_of(tmp_path)
-    assert read_meta(run_dir)["step"] == 3  # type: ignore[index]
-    _, run = only_run(tmp_path)
-    assert run.info.status == "KILLED"  # type: ignore[attr-defined]
-    assert run.data.tags["moelab.stopped_at_step"] == "3"  # type: ignore[attr-defined]
-    assert "moelab.resumed_from_step" not in run.data.tags  # type: ignore[attr-defined]
-    proc = run_launcher(tmp_path, shared_cache, "resume", str(run_dir), "train.stop_after=0")
-    ok(proc)
-    _, run = only_run(tmp_path)
-    assert run.info.status == "FINISHED"  # type: ignore[attr-defined]
-    assert run.data.tags["moelab.resumed_from_step"] == "3"  # type: ignore[attr-defined]
-    line = "moelab: resumed from checkpoint global_step3 at step 3; next step 4"
-    assert line in (run_dir / "train.log").read_text()
-    assert first_steps(run_dir) == [1, 4] and first_steps(trained_moe.run_dir) == [1]
-    a, b = losses(trained_moe.workdir), losses(tmp_path)
-    assert sorted(b) == list(range(1, STEPS + 1)) == sorted(a)
-    delta = max(abs(a[s] - b[s]) for s in range(1, STEPS + 1))
-    print(f"max |dloss| against the reference: {delta:.3g}")
-    assert delta <= 1e-6, (a, b)
-    wa, wb = checkpoint_tensors(trained_moe.run_dir, STEPS), checkpoint_tensors(run_dir, STEPS)
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} of {len(wa)} final tensors differ: {differ[:3]}"
-    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
-    last = f"global_step{STEPS}"
-    assert kept == [f"global_step{STEPS - 5}", last]  # keep_checkpoints=2 pruned step 3
-    assert (run_dir / "checkpoints" / "latest").read_text() == last
 
 
 SECOND_SIGNAL = """

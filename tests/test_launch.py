@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import VARIANTS, VariantSweep
 from helpers import run_launcher, unavailable
 from launcher.compose import compose_config, to_schema
+from mlflow_server import LoggedRuns, MlflowServer, logged_runs, shared_mlflow_server  # noqa: F401
 from moelab.models.sizing import count_params
 
 
@@ -35,6 +38,116 @@ def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> 
     assert ds["zero_optimization"]["stage"] == 0
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert not (tmp_path / "mlflow.db").exists()
+
+
+HEAVY = ("torch", "deepspeed", "mlflow", "transformers", "datasets")
+IMPORTS = """
+import runpy, sys
+sys.argv = ["moelab-launch", *sys.argv[1:]]
+try:
+    runpy.run_module("launcher", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print("exit", code, "heavy", ",".join(heavy) or "none")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code"),
+    [
+        (["--help"], 0),
+        (["model=tiny_moe_top2", "parallel=ep2", "launch.dry_run=true"], 0),
+        (["model=tiny_moe_top2", "parallel.ep_size=3"], 2),  # a validation error
+        (["resume", "nowhere"], 2),
+    ],
+    ids=["help", "dry_run", "invalid", "bad_resume"],
+)
+def test_cli_paths_that_start_no_run_import_nothing_heavy(
+    args: list[str], exit_code: int, tmp_path: Path, shared_cache: Path
+) -> None:
+    """--help, a dry run and a refused config import neither torch, DeepSpeed nor MLflow."""
+    import subprocess
+    import sys
+
+    from helpers import launcher_env
+
+    code = IMPORTS.format(heavy=HEAVY)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env=launcher_env(tmp_path, shared_cache),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("heavy none"), (last, proc.stderr[-2000:])
+    assert last.startswith(f"exit {exit_code} "), (last, proc.stderr[-2000:])
+
+
+ONE_STEP = ("train=smoke", "train.steps=1", "train.warmup_steps=1", "train.eval_every=0")
+
+
+@pytest.mark.slow
+def test_ranks_start_while_the_mlflow_run_is_created(
+    logged_runs: LoggedRuns,  # noqa: F811
+    shared_mlflow_server: MlflowServer,  # noqa: F811
+) -> None:
+    """The launcher creates the MLflow run alongside `deepspeed`, not before it: the shared
+    server's MoE run (mlflow_server.MOE_RUN) was launched with the server frozen (SIGSTOP),
+    and its ranks still started; once it thawed the run was created, and rank 0, handed the id
+    through the run dir, logged into it."""
+    frozen = logged_runs.frozen
+    assert frozen.ranks_started, frozen.output[-3000:]
+    assert not frozen.run_ref_written  # no MLflow call could have been answered yet
+    run_id = logged_runs.runs["tiny_moe_top1"]
+    assert f"moelab-launch: run {run_id} in " in frozen.output
+    client = MlflowClient(tracking_uri=shared_mlflow_server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+    command = Path(run.data.tags["run_dir"]) / "command.sh"
+    assert "MLFLOW_RUN_ID" not in command.read_text() and "MOELAB_RUN_REF=" in command.read_text()
+
+
+def test_unreachable_tracking_server_stops_the_launch_at_once(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    """No MLflow run can be created: the launcher stops the ranks (or never starts them) and
+    says so in one line naming tracking.uri, well before a rank could have trained."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from helpers import launcher_env
+
+    with socket.socket() as s:  # a port nothing listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        env = launcher_env(tmp_path, shared_cache) | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+        t0 = time.monotonic()
+        argv = [sys.executable, "-m", "launcher", "model=tiny_dense", *ONE_STEP]
+        proc = subprocess.run(
+            [*argv, f"tracking.uri={url}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        seconds = time.monotonic() - t0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moelab-launch: error")]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(errors) == 1 and f"could not create the MLflow run at {url}" in errors[0], errors
+    assert errors[0].endswith("check tracking.uri"), errors
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
+    assert "error" in json.loads((run_dir / "mlflow_run.json").read_text())
+    assert "moelab: step 1 is the first" not in (run_dir / "train.log").read_text()
+    print(f"refused in {seconds:.1f} s")
 
 
 @pytest.mark.slow
@@ -79,7 +192,6 @@ def test_rank_watch_names_the_killed_rank_even_when_a_peer_exits_at_once() -> No
     """kill -9 of rank 1 while rank 0 leaves through Python at once (as a peer whose collective
     failed does): rank 1 is named, whichever connection the watch reads first; a later
     kill -9 of another rank does not take its place."""
-    import os
     import signal
     import subprocess
     import sys
@@ -111,7 +223,6 @@ def test_rank_watch_names_the_killed_rank_even_when_a_peer_exits_at_once() -> No
 
 
 def test_rank_watch_blames_no_rank_that_exits_through_python() -> None:
-    import os
     import subprocess
     import sys
 
@@ -346,7 +457,6 @@ def test_env_values_reach_pdsh_hosts_as_they_are(tmp_path: Path) -> None:
     """.deepspeed_env through DeepSpeed's own pdsh runner and a real pdsh: each value arrives
     as it is and no part of it runs."""
     import ast
-    import os
     import shlex
     import shutil
     import subprocess
@@ -398,7 +508,6 @@ def test_openmpi_forwards_rank_variables_by_name(tmp_path: Path) -> None:
     is), the ssh options and the interface; no .deepspeed_env, whose values DeepSpeed would
     quote into `-x NAME="..."`."""
     import itertools
-    import os
 
     from deepspeed.launcher.multinode_runner import OpenMPIRunner
     from deepspeed.launcher.runner import parse_args

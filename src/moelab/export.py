@@ -27,12 +27,12 @@ from moelab import data
 from moelab.checkpoint import ckpt_dir, read_meta
 from moelab.config import MoelabConfig, load_config
 from moelab.models import MoelabForCausalLM, MoelabLMConfig
+from moelab.runref import RUN_REF
 
 NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 EXPORT_INFO = "moelab_export.json"
 """In the exported folder: the source run dir, checkpoint tag and step, and its MLflow run."""
-RUN_REF = "mlflow_run.json"
 
 
 @dataclass(frozen=True)

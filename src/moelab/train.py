@@ -22,6 +22,7 @@ from moelab.config import MoelabConfig, load_config, to_container
 from moelab.guard import NonFiniteError, StepGuard
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
+from moelab.runref import RunRefError
 from moelab.telemetry import Sink, make_sink
 from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
@@ -268,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteError as err:  # every rank raises alike; the last checkpoint is intact
         print(f"moelab: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+    except RunRefError as err:  # rank 0: no MLflow run to log into; the launcher says why
+        print(f"moelab: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
 
+from moelab import runref
+
 if TYPE_CHECKING:
     from moelab.engine import DistInfo
 
@@ -325,7 +327,7 @@ class Worker:
 
 
 class MLflowSink:
-    """Logs into the launcher's run (MLFLOW_RUN_ID) through a write-ahead spool.
+    """Logs into the launcher's run (`moelab.runref`) through a write-ahead spool.
 
     Every call appends one JSON record to `<run dir>/mlflow_spool.jsonl` and returns: it never
     touches the network, so an unreachable tracking server cannot block or crash training.
@@ -407,12 +409,14 @@ class MLflowSink:
 
 
 def make_sink(is_rank0: bool, run_dir: str | Path | None = None) -> Sink:
-    """MLflow on rank 0 when the launcher passed a run id, a null sink elsewhere.
+    """MLflow on rank 0 when started by the launcher, a null sink elsewhere.
 
-    `run_dir` holds the spool (default: $MOELAB_RUN_DIR, else a temporary folder).
+    The run id comes from the launcher (`moelab.runref`: normally written long before rank 0
+    gets here; RunRefError if the launcher could not create the run). `run_dir` holds the
+    spool (default: $MOELAB_RUN_DIR, else a temporary folder).
     """
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if is_rank0 and run_id:
+    run_id = runref.launcher_run_id() if is_rank0 else None
+    if run_id:
         return MLflowSink(run_id, os.environ.get("MLFLOW_TRACKING_URI"), run_dir)
     return NullSink()
 
@@ -436,16 +440,20 @@ class SystemMetrics(threading.Thread):
     done inline, rank 0 would hold every other rank at the first collective that long.
     """
 
-    def __init__(self, run_id: str, interval_s: float, node_id: str) -> None:
+    def __init__(self, interval_s: float, node_id: str) -> None:
         super().__init__(name="moelab-system-metrics", daemon=True)
-        self.run_id, self.interval_s, self.node_id = run_id, interval_s, node_id
+        self.interval_s, self.node_id = interval_s, node_id
         self.monitor: Any = None
 
     def run(self) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        try:
+            run_id = runref.launcher_run_id()
+        except runref.RunRefError:
+            return  # rank 0 reports it and stops the run
         self.monitor = SystemMetricsMonitor(
-            self.run_id,
+            run_id,
             sampling_interval=self.interval_s,
             node_id=self.node_id,
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -464,11 +472,10 @@ def start_system_metrics(info: DistInfo, interval_s: float) -> SystemMetrics | N
     Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
     hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled.
     """
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if info.local_rank != 0 or not run_id:
+    if info.local_rank != 0 or not (os.environ.get("MLFLOW_RUN_ID") or os.environ.get(runref.ENV)):
         return None
     # The deepspeed launcher's node index; mpirun sets no CROSS_RANK (ranks fill hosts in order).
     node = os.environ.get("CROSS_RANK") or str(info.rank // max(info.local_world_size, 1))
-    monitor = SystemMetrics(run_id, interval_s, f"{socket.gethostname()}-node{node}")
+    monitor = SystemMetrics(interval_s, f"{socket.gethostname()}-node{node}")
     monitor.start()
     return monitor
