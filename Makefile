@@ -86,8 +86,12 @@ typecheck: $(STAMP)
 # The suite is CPU-only (gloo ranks) on any host, a GPU host included. Tests that need system
 # packages (sshd, pdsh, Slurm, PostgreSQL, Chromium, ...) or root skip where they are missing;
 # .ci/run installs the packages and sets CI=true, where such a test fails instead of skipping.
+# Two runs: the in-process tests on every core (pytest-xdist; each worker makes its own
+# session fixtures), then the multi-process launches (`-m slow`) one at a time, since each
+# already uses every core and some time their own stops and kills.
 test: $(STAMP) lint typecheck
-	DS_ACCELERATOR=cpu $(VENV)/bin/pytest -ra --durations=25
+	DS_ACCELERATOR=cpu $(VENV)/bin/pytest -ra -m "not slow" -n auto --maxprocesses=4 --durations=10
+	DS_ACCELERATOR=cpu $(VENV)/bin/pytest -ra -m slow --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/moelab-launch -m experiment=demo$(if $(DEMO_ARGS), $(DEMO_ARGS))
