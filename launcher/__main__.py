@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -288,11 +289,20 @@ def app(dcfg: DictConfig) -> None:
     except ConfigError as err:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no run dir behind
         fail(str(err))
+    started = time.time()
     code = launch(cfg, run_dir, resources)
     if 128 < code < 160:
         fail(f"stopped by signal {code - 128}; see {run_dir / 'train.log'}", code)
     if code != 0:
-        fail(f"the run exited with code {code}; see {run_dir / 'train.log'}", code)
+        log = run_dir / "train.log"
+        fail(hung(run_dir, started) or f"the run exited with code {code}; see {log}", code)
+
+
+def hung(run_dir: Path, since: float) -> str | None:
+    """The sentence for a run whose ranks stopped on a hang since `since`, else None."""
+    from moelab import hang
+
+    return hang.describe(run_dir, since)
 
 
 RESUMABLE = ("train.stop_after", "train.checkpoint_every", "train.keep_checkpoints")
@@ -357,9 +367,11 @@ def main() -> None:
     if sys.argv[1:2] == ["resume"]:
         if len(sys.argv) < 3:
             fail("usage: moelab-launch resume <run dir> [train.stop_after=N ...]")
+        started = time.time()
         code = resume(Path(sys.argv[2]).resolve(), sys.argv[3:])
         if code != 0:
-            fail(f"resumed run stopped with code {code}; see {sys.argv[2]}/train.log", code)
+            message = f"resumed run stopped with code {code}; see {sys.argv[2]}/train.log"
+            fail(hung(Path(sys.argv[2]).resolve(), started) or message, code)
         return
     precheck(sys.argv[1:])
     sweep.reset()

@@ -20,6 +20,7 @@ from launcher.validate import ConfigError
 from moelab import lifeline
 from moelab.checkpoint import STOP_FILE
 from moelab.config import MULTI_HOST_BACKENDS, MoelabConfig
+from moelab.hang import HANG_EXIT
 
 
 def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
@@ -154,7 +155,7 @@ def execute(files: RunFiles, append: bool = False) -> int:
         watch.join()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if code != 0 and watch.first_dead and not aborted:
+    if code != 0 and watch.first_dead and not aborted and code != HANG_EXIT:  # hang: own line
         print(f"moelab-launch: {watch.first_dead}; the others were stopped", flush=True)
     return code
 

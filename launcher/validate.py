@@ -67,6 +67,7 @@ COUNT_LIMITS: dict[str, int] = {
     "train.checkpoint_every": MAX_STEPS,
     "train.keep_checkpoints": 2**20,
     "train.inject_nonfinite_step": MAX_STEPS,
+    "train.inject_hang_step": MAX_STEPS,
     "cluster.nodes": MAX_HOSTS,
     "cluster.gpus_per_node": MAX_RANKS_PER_HOST,  # sets nproc_per_node: named first
     "cluster.nproc_per_node": MAX_RANKS_PER_HOST,
@@ -87,6 +88,7 @@ BOUNDED_BY_RULE = (
     "train.warmup_steps",
     "train.stop_after",
     "train.fp16_initial_scale_power",
+    "train.inject_hang_rank",
     "cluster.master_port",
 )
 """Whole-number keys whose own rule bounds them from above (a set, a range or another key)."""
@@ -265,6 +267,29 @@ def validate_train(cfg: MoelabConfig) -> None:
         "scales the loss); use zero=stage1, or train.precision=bf16.",
     )
     validate_reliability(t)
+    validate_hang(cfg)
+
+
+def validate_hang(cfg: MoelabConfig) -> None:
+    """The hang watchdog and its fault injection."""
+    t, world = cfg.train, cfg.world_size
+    _require(
+        t.hang_timeout_s == 0 or t.hang_timeout_s >= 1,
+        f"train.hang_timeout_s={t.hang_timeout_s:g} must be 0 (off) or at least 1 second.",
+    )
+    _at_least("train.inject_hang_step", t.inject_hang_step, 0)
+    if t.inject_hang_step == 0:
+        return
+    _require(
+        t.hang_timeout_s > 0,
+        f"train.inject_hang_step={t.inject_hang_step} with train.hang_timeout_s=0 would hang "
+        "forever; set train.hang_timeout_s to a few seconds.",
+    )
+    _require(
+        0 <= t.inject_hang_rank < world,
+        f"train.inject_hang_rank={t.inject_hang_rank} is not a rank of this {world}-rank run; "
+        f"use 0 to {world - 1}.",
+    )
 
 
 def validate_reliability(t: TrainConfig) -> None:

@@ -262,6 +262,12 @@ class TrainConfig:
     """Skip an update whose loss or gradient is NaN/inf (counted) instead of stopping the run."""
     inject_nonfinite_step: int = 0
     """Fault injection: make this step's loss NaN on every rank (0 = off; tests the guard)."""
+    hang_timeout_s: float = 900.0
+    """Seconds without a finished step before every rank dumps its stacks, exit 4 (0 = off)."""
+    inject_hang_step: int = 0
+    """Fault injection: rank inject_hang_rank sleeps forever at this step (0 = off)."""
+    inject_hang_rank: int = 1
+    """The rank that hangs at inject_hang_step."""
     fp16_initial_scale_power: int = 16
     """fp16 only: the dynamic loss scale starts at 2**this and halves on each overflow."""
     init_from: str | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moelab import data, engine, finetune, lifeline
+from moelab import data, engine, finetune, hang, lifeline
 from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
 from moelab.guard import NonFiniteError, StepGuard
@@ -167,7 +167,8 @@ def run(cfg: MoelabConfig) -> None:
         finetune.load_init(ds_engine, t.init_from)
     else:
         note_resume(sink, info.is_rank0, state["tag"], state["step"])
-    loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state)
+    with hang.watch(cfg, info.rank, info.world_size, sink, state["step"]) as dog:
+        loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state, dog)
     tel.close()
     sink.close()
 
@@ -211,13 +212,16 @@ def loop(
     tel: Telemetry,
     ckpt: Checkpointer,
     state: dict[str, Any],
+    dog: hang.Watchdog,
 ) -> None:
-    """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint)."""
+    """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint);
+    `dog` learns of every finished step."""
     t, stop, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
     guard = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.precision, t.inject_nonfinite_step)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
     window, bar = Window(), sink.progress(t.steps, first - 1)
     for step in range(first, t.steps + 1):
+        dog.inject(step)
         tel.begin_step(step)
         sums, stopping = train_step(ds_engine, batches, tel, guard, stop, step)
         if step == first:
@@ -233,6 +237,7 @@ def loop(
                 sink.log_metrics(evaluate(ds_engine, val_loader, t.eval_batches), step)
             if ckpt.due(step, stopping):
                 ckpt.save(ds_engine, step, batches)
+        dog.pet(step)
         if stopping and step < t.steps:
             sink.set_tags({"moelab.stopped_at_step": str(step)})
             break
