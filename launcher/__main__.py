@@ -38,7 +38,7 @@ from launcher.validate import (
     validate_reliability,
     validate_runs_root,
 )
-from moelab import runref
+from moelab import hang, runref
 from moelab.checkpoint import check_layout, read_meta
 from moelab.config import MoelabConfig, load_config
 
@@ -125,7 +125,7 @@ def launch(
 
         run_id = run.id()
         if run_id is None:
-            fail(f"could not create the MLflow run at {run.error}")
+            fail(run.failure(), 1)
         if job is not None:
             job.run_id = run_id
         return slurm.run(cfg, files, uri, run_id, job)
@@ -174,10 +174,9 @@ def execute_tracked(
     finally:  # never leave the run RUNNING
         end_tracked(run, files, job, code, status, step)
     if run.id() is None:  # the ranks were stopped as soon as that was known
-        message = f"could not create the MLflow run at {run.uri} ({run.error}); check tracking.uri"
         if job is None:
-            fail(message, 1)
-        job.message = message
+            fail(run.failure(), 1)
+        job.message = run.failure()
         return 1
     if status == "KILLED" or (code != 0 and read_meta(files.run_dir)):
         print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
@@ -295,14 +294,7 @@ def app(dcfg: DictConfig) -> None:
         fail(f"stopped by signal {code - 128}; see {run_dir / 'train.log'}", code)
     if code != 0:
         log = run_dir / "train.log"
-        fail(hung(run_dir, started) or f"the run exited with code {code}; see {log}", code)
-
-
-def hung(run_dir: Path, since: float) -> str | None:
-    """The sentence for a run whose ranks stopped on a hang since `since`, else None."""
-    from moelab import hang
-
-    return hang.describe(run_dir, since)
+        fail(hang.describe(run_dir, started) or f"the run exited with code {code}; see {log}", code)
 
 
 RESUMABLE = ("train.stop_after", "train.checkpoint_every", "train.keep_checkpoints")
@@ -371,7 +363,7 @@ def main() -> None:
         code = resume(Path(sys.argv[2]).resolve(), sys.argv[3:])
         if code != 0:
             message = f"resumed run stopped with code {code}; see {sys.argv[2]}/train.log"
-            fail(hung(Path(sys.argv[2]).resolve(), started) or message, code)
+            fail(hang.describe(Path(sys.argv[2]).resolve(), started) or message, code)
         return
     precheck(sys.argv[1:])
     sweep.reset()

@@ -152,6 +152,10 @@ class PendingRun:
         runref.write(self.run_dir, self.uri, self._id)
         print(f"moelab-launch: run {self._id} in {self.run_dir}", flush=True)
 
+    def failure(self) -> str:
+        """One sentence: why no run exists (after `id()` returned None)."""
+        return f"could not create the MLflow run at {self.uri} ({self.error}); check tracking.uri"
+
     def id(self) -> str | None:
         """The run id once created; None if creating it failed (`error` says why)."""
         if self._thread is not None:
