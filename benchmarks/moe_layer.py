@@ -1,4 +1,4 @@
-"""MoE layer cost: DeepSpeed's MoE layer (through moelab.moe.MoEFFN) forward+backward against a
+"""MoE layer cost: DeepSpeed's MoE layer (through moelab.ds_moe.MoEFFN) forward+backward against a
 dense SwiGLU MLP with the same active FLOPs (hidden = top_k x expert hidden), one process.
 
 Grid: tokens per step x experts x top-1/top-2 x drop_tokens on/off; per cell the two are timed
@@ -40,7 +40,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moelab import moe as moelab_moe
+from moelab import ds_moe as moelab_moe
 from moelab.config import MoEConfig
 from moelab.models.layers import SwiGLU
 

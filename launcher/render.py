@@ -18,7 +18,7 @@ from launcher import gpus, tracking
 from launcher.hostfile import Resources
 from launcher.validate import ConfigError
 from moelab.config import MoelabConfig
-from moelab.engine import build_ds_config
+from moelab.dsconfig import build_ds_config
 
 # Forwarded from the launcher's environment to every rank when set.
 PASS_THROUGH = (

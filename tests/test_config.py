@@ -88,7 +88,7 @@ def test_resolved_yaml_round_trip(tmp_path: Path) -> None:
 
 def test_train_gpu_preset() -> None:
     """train=gpu: bf16, a larger micro-batch, TF32 for fp32 matmuls; the rest is the default."""
-    from moelab.engine import build_ds_config
+    from moelab.dsconfig import build_ds_config
 
     cfg = to_schema(compose_config(["train=gpu"]))
     validate(cfg)

@@ -23,6 +23,7 @@ CHILD = textwrap.dedent(
     import torch
     from launcher.compose import compose_config, to_schema
     from moelab import engine
+    from moelab.dsconfig import build_ds_config
     from moelab.finetune import freeze, parse_trainable
     from moelab.models import build_model
 
@@ -37,7 +38,7 @@ CHILD = textwrap.dedent(
         model = build_model(cfg.model, 1, 0, 0)
         summary = freeze(model, parse_trainable(trainable))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        ds = engine.initialize(model, engine.build_ds_config(cfg))
+        ds = engine.initialize(model, build_ds_config(cfg))
         ids = torch.randint(0, 256, (2, 32))
         for _ in range(3):
             ds.backward(ds(ids, labels=ids).loss)
@@ -196,16 +197,17 @@ def test_optimizer_is_picked_for_the_rank_device() -> None:
     DeepSpeed's CPU Adam where that op builds, else torch's AdamW."""
     from launcher.compose import compose_config, to_schema
     from moelab import engine
+    from moelab.dsconfig import build_ds_config
 
     cfg = to_schema(compose_config(["model=tiny_dense"]))
-    rendered = engine.build_ds_config(cfg)
+    rendered = build_ds_config(cfg)
     cpu = engine.pick_optimizer(rendered, "cpu")["optimizer"]["params"]
     cuda = engine.pick_optimizer(rendered, "cuda")["optimizer"]["params"]
     assert cpu["torch_adam"] and "fused" not in cpu
     assert cuda["torch_adam"] and cuda["fused"] is True
     assert "fused" not in rendered["optimizer"]["params"]  # a copy: the rendered one stays
     overrides = ["model=tiny_dense", "zero=stage2", "zero.offload_optimizer=cpu"]
-    offload = engine.build_ds_config(to_schema(compose_config(overrides)))
+    offload = build_ds_config(to_schema(compose_config(overrides)))
     for builds in (True, False):
         picked = engine.pick_optimizer(offload, "cuda", lambda b=builds: b)["optimizer"]
         assert picked["params"]["torch_adam"] is not builds and "fused" not in picked["params"]
@@ -222,6 +224,7 @@ LOOP_CHILD = textwrap.dedent(
     import torch.distributed as dist
     from launcher.compose import compose_config, to_schema
     from moelab import engine, train
+    from moelab.dsconfig import build_ds_config
     from moelab.checkpoint import StopFlag
     from moelab.guard import StepGuard
     from moelab.models import build_model
@@ -235,7 +238,7 @@ LOOP_CHILD = textwrap.dedent(
     ]))
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, 0, 0)
-    ds = engine.initialize(model, engine.build_ds_config(cfg))
+    ds = engine.initialize(model, build_ds_config(cfg))
     tel = Telemetry(cfg, info, ds.module, NullSink())
     guard = StepGuard(False, 0, "fp32")
     stop = StopFlag(tempfile.mkdtemp())

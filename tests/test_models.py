@@ -16,11 +16,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moelab.config import FFN_KINDS, ModelConfig, MoEConfig
+from moelab.ds_moe import MoEFFN, iter_moe_layers, moe_gates
 from moelab.flops import active_matmul_params
 from moelab.models import MoelabForCausalLM, MoelabLMConfig, build_model
 from moelab.models.blocks import BLOCK_BUILDERS, ArcticBlock, DenseBlock, MoEBlock
 from moelab.models.sizing import count_params
-from moelab.moe import MoEFFN, iter_moe_layers, moe_gates
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "hydra_conf"
 TINY_VARIANTS = ["tiny_dense", "tiny_moe_top1", "tiny_moe_top2", "tiny_arctic", "tiny_pr_moe"]

@@ -15,10 +15,10 @@ from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, format_text
 from launcher.validate import ConfigError, validate
 from moelab.config import ModelConfig, MoEConfig
+from moelab.ds_moe import MoEFFN, RouterGate, moe_ffns, router_z_loss
 from moelab.models import build_model
 from moelab.models.layers import SwiGLU
 from moelab.models.sizing import count_params
-from moelab.moe import MoEFFN, RouterGate, moe_ffns, router_z_loss
 
 ROUTER_PER_G = 6 * 1024 * 6  # MoE layers x d_model x num_experts of seed_600m_moe
 

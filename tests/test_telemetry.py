@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import VARIANT_SWEEP, VariantSweep
-from moelab import moe as moe_layers
+from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig, MoelabConfig
 from moelab.telemetry import perf
-from moelab.telemetry.moe import (
+from moelab.telemetry.experts import (
     MoeTelemetry,
     capacity,
     dropped_tokens,
@@ -153,7 +153,7 @@ def test_collapsed_router_shows_in_load_metrics() -> None:
     cfg = with_moe(compose_model("tiny_moe_top2"), top2_2nd_expert_sampling=False)
     normal = _window(build_model(cfg, seed=0), cfg.moe)
     collapsed_model = build_model(cfg, seed=0)
-    from moelab.moe import moe_gates
+    from moelab.ds_moe import moe_gates
 
     with torch.no_grad():
         for gate in moe_gates(collapsed_model).values():
@@ -301,7 +301,7 @@ def test_a2a_bytes_match_an_independent_count(variant: str, variant_sweep: Varia
 
 def test_comms_profile_adds_comms_logger_to_ds_config() -> None:
     from launcher.compose import compose_config, to_schema
-    from moelab.engine import build_ds_config
+    from moelab.dsconfig import build_ds_config
 
     cfg = to_schema(compose_config(["model=tiny_moe_top2", "parallel=ep2"]))
     assert "comms_logger" not in build_ds_config(cfg)

@@ -144,7 +144,7 @@ class FreezeSummary:
 
 def freeze(model: nn.Module, spec: Trainable, ep_size: int = 1) -> FreezeSummary:
     """Set requires_grad by `spec`; counts are global (experts of the other EP ranks too)."""
-    from moelab.moe import moe_ffns
+    from moelab.ds_moe import moe_ffns
 
     model.requires_grad_(spec.dense)
     ffns = list(moe_ffns(model))

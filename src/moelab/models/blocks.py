@@ -45,7 +45,7 @@ def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
         )
         return TorchMoEFFN(spec.layer_idx, layer)
     try:  # an exported copy of this file has no moelab: it only builds moe_impl="torch"
-        from moelab.moe import MoEFFN
+        from moelab.ds_moe import MoEFFN
     except ImportError as err:
         raise ImportError(
             "moe_impl='deepspeed' needs moelab and DeepSpeed installed; load with moe_impl='torch'."

@@ -149,7 +149,7 @@ class TorchMoE(nn.Module):
 
 
 class TorchMoEFFN(nn.Module):
-    """Same interface and state-dict keys as `moelab.moe.MoEFFN`: forward gives
+    """Same interface and state-dict keys as `moelab.ds_moe.MoEFFN`: forward gives
     (out, l_aux, exp_counts), always with eval-mode routing."""
 
     def __init__(self, layer_idx: int, layer: TorchMoE) -> None:

@@ -9,8 +9,8 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from moelab.config import ModelConfig
+from moelab.ds_moe import iter_moe_layers
 from moelab.models.build import build_model
-from moelab.moe import iter_moe_layers
 
 _PARTS = ("embedding", "lm_head", "attention", "dense_ffn", "experts", "router", "norms")
 

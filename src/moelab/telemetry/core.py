@@ -30,7 +30,7 @@ from moelab.config import MoelabConfig
 from moelab.engine import DistInfo, synchronize
 from moelab.flops import flops_per_token
 from moelab.telemetry import plots
-from moelab.telemetry.moe import MoeTelemetry
+from moelab.telemetry.experts import MoeTelemetry
 from moelab.telemetry.perf import Peak, device_peak, perf_metrics
 from moelab.telemetry.sink import NullSink, Sink, start_system_metrics
 

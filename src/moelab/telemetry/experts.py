@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from moelab import moe as moe_layers
+from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig
 
 # Per MoE layer and sampled step: forward all-to-alls (DeepSpeed's 1st, 2nd), gate, whole
-# layer (forward timers), backward all-to-alls (`moelab.moe._TimedAllToAll`).
+# layer (forward timers), backward all-to-alls (`moelab.ds_moe._TimedAllToAll`).
 TIMER_KEYS = ("a2a1", "a2a2", "gate", "moe", "a2a_bwd")
 
 
