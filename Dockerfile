@@ -15,7 +15,6 @@ FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu${UBUNTU_VERSION}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu130
-ARG DEEPSPEED_VERSION=0.19.8
 # pynvml, for MLflow's GPU system metrics (utilisation, memory per GPU)
 ARG NVIDIA_ML_PY_VERSION=13.615.71
 # Compute capabilities the prebuilt ops are compiled for (A100, L40S/4090, H100/H200).
@@ -73,11 +72,13 @@ WORKDIR /opt/moelab
 #                        (torch.optim.AdamW(fused=True), DeepSpeed's "torch_adam" path, no op).
 # DeepSpeed-MoE's gating and all-to-all are plain torch/NCCL and need no compiled op; any other
 # op is still JIT-built on first use thanks to nvcc + ninja. moelab's own dependencies come
-# from pyproject.toml's [project.dependencies] (all pinned there), plus nvidia-ml-py.
+# from pyproject.toml's [project.dependencies] (all pinned there, DeepSpeed's version included),
+# plus nvidia-ml-py.
 COPY --chown=moelab:moelab pyproject.toml ./
 RUN python3 -m venv /opt/venv \
  && pip install --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
  && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+ && DEEPSPEED_VERSION="$(sed -n 's/^ *"deepspeed==\([^"]*\)".*/\1/p' pyproject.toml)" \
  && DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \
     DS_BUILD_UTILS=1 pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
  && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \

@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-DEEPSPEED_VERSION ?= 0.19.8
+# DeepSpeed's version is pinned once, in pyproject.toml (moelab.dscompat checks it at start-up).
+DEEPSPEED_VERSION := $(shell sed -n 's/^ *"deepspeed==\([^"]*\)".*/\1/p' pyproject.toml)
 
 # CPU or CUDA set-up. DEVICE=cuda when `nvidia-smi -L` lists a GPU, or when the venv's torch
 # (a CUDA build) sees one; cpu otherwise. Force either: `make install DEVICE=cpu` / `DEVICE=cuda`.
@@ -60,6 +61,11 @@ install: $(STAMP)
 # compiles the op, about 30 s, and again whenever a rank's build flags differ from the cached.
 DS_CPU_BUILD := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1
 DEEPSPEED := deepspeed==$(DEEPSPEED_VERSION)
+# Not the user's business: setuptools' notice on every editable install of a project with two
+# package roots (src/ and .). The filter matches that one message.
+comma := ,
+NO_EDITABLE_NOTICE := ignore:Editable installation
+$(STAMP): export PYTHONWARNINGS := $(if $(PYTHONWARNINGS),$(PYTHONWARNINGS)$(comma))$(NO_EDITABLE_NOTICE)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel

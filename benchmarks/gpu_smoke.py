@@ -55,6 +55,8 @@ for _p in (BENCH_DIR, BENCH_DIR.parent / "src", BENCH_DIR.parent):
 
 from benchlib import REPO, RESULTS_DIR, format_table, machine  # noqa: E402
 
+from moelab.rundir import RunDir  # noqa: E402  (torch-free)
+
 SCHEMA = "moelab.gpu_smoke/1"
 PASS, FAIL, NA_CPU, SKIPPED, INFO = "pass", "fail", "n/a on cpu", "skipped", "info"
 STATUSES = (PASS, FAIL, NA_CPU, SKIPPED, INFO)
@@ -538,10 +540,11 @@ def checkpoint_fp16_state(run_dir: Path) -> dict[str, Any]:
     """DeepSpeed's count of skipped updates (fp16: loss-scale overflows) and, where the model
     states hold the optimizer (ZeRO-0), the loss scale, from rank 0's model states in the
     run's newest checkpoint (the ranks log overflows only at INFO level, which they hide)."""
-    from moelab.checkpoint import ckpt_dir, read_meta
+    from moelab.checkpoint import read_meta
+    from moelab.dscompat import NON_EXPERT_FILE
 
     meta = read_meta(run_dir)
-    path = ckpt_dir(run_dir) / str(meta["tag"]) / "mp_rank_00_model_states.pt" if meta else None
+    path = RunDir(run_dir).checkpoints / str(meta["tag"]) / NON_EXPERT_FILE if meta else None
     if path is None or not path.exists():
         return {}
     import torch
@@ -659,11 +662,11 @@ class Smoke:
         return launch
 
     def _run_dir(self, case: Case) -> Path | None:
-        found = sorted((self.work / "runs" / case.name).glob("*/*/mlflow_run.json"))
+        found = sorted((self.work / "runs" / case.name).glob(f"*/*/{RunDir('.').run_ref.name}"))
         return found[-1].parent if found else None
 
     def _status(self, run_dir: Path) -> str | None:
-        ref = json.loads((run_dir / "mlflow_run.json").read_text())
+        ref = json.loads(RunDir(run_dir).run_ref.read_text())
         return str(self.client.get_run(ref["run_id"]).info.status)
 
     def _meta_step(self, run_dir: Path) -> int | None:
@@ -673,7 +676,7 @@ class Smoke:
         return int(meta["step"]) if meta else None
 
     def _collect(self, r: RunResult, run_dir: Path) -> None:
-        ref = json.loads((run_dir / "mlflow_run.json").read_text())
+        ref = json.loads(RunDir(run_dir).run_ref.read_text())
         r.run_id = ref["run_id"]
         run = self.client.get_run(r.run_id)
         r.status = str(run.info.status)
@@ -683,7 +686,7 @@ class Smoke:
             r.history[key] = [(int(m.step), float(m.value)) for m in hist]
         r.figures["checkpoint_step"] = self._meta_step(run_dir)
         if r.case.role == "fp16":
-            train_log = run_dir / "train.log"
+            train_log = RunDir(run_dir).log
             logged = count_overflows(train_log.read_text(errors="replace"))
             state = checkpoint_fp16_state(run_dir)
             r.figures["overflow_lines"] = logged

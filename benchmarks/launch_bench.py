@@ -48,6 +48,9 @@ from benchlib import (
     verdict,
 )
 
+from moelab.rundir import RunDir
+from moelab.shapes import threads_per_rank
+
 BIN = Path(sys.executable).parent
 SEQ_LEN = 256  # the seed's 2048 / 8, like d_model
 SEED_RATIOS = {"moe": 1.9, "hybrid": 1.5}
@@ -149,7 +152,8 @@ class Bench:
         total = time.time() - start
         if out.returncode != 0:
             raise RuntimeError(f"{case.name} failed:\n{out.stdout[-3000:]}{out.stderr[-2000:]}")
-        (spool,) = root.glob("*/*/mlflow_spool.jsonl")
+        (run_dir,) = root.glob("*/*/")
+        spool = RunDir(run_dir).spool
         marks, extra = spool_marks(spool)
         steady, first = steady_and_first(marks, start, self.args.log_every)
         tokens = self.args.micro_batch_size * SEQ_LEN * case.ranks
@@ -171,7 +175,7 @@ class Bench:
             f"--steps={a.steps}",
             f"--log-every={a.log_every}",
         ]
-        env = self.env() | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // case.ranks))}
+        env = self.env() | {"OMP_NUM_THREADS": str(threads_per_rank(os.cpu_count(), case.ranks))}
         start = time.time()
         out = subprocess.run(cmd, cwd=self.work, env=env, capture_output=True, text=True)
         total = time.time() - start
@@ -217,7 +221,7 @@ def compose(overrides: list[str]) -> Any:
 
 def baseline_inputs(overrides: list[str], work: Path) -> tuple[Path, Path]:
     """The model config as JSON and the cached blocks directory, for the plain script."""
-    from moelab.data import blocks_dir
+    from moelab.datakeys import blocks_dir
 
     cfg = compose(overrides)
     path = work / f"model-{cfg.model.name}.json"

@@ -41,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moelab import ds_moe as moelab_moe
+from moelab import dscompat
 from moelab.config import MoEConfig
 from moelab.models.layers import SwiGLU
 
@@ -71,7 +72,7 @@ def build(experts: int, top_k: int, drop: bool) -> tuple[nn.Module, nn.Module]:
 
 def moe_step(moe: nn.Module, x: torch.Tensor) -> None:
     moe.zero_grad(set_to_none=True)
-    out, l_aux, _ = moe(x)
+    out, l_aux, _, _ = moe(x)
     (out.float().pow(2).mean() + l_aux).backward()
 
 
@@ -148,29 +149,16 @@ def peak_bytes(fn: Callable[[], None], module: nn.Module, x: torch.Tensor) -> in
 @contextmanager
 def labelled_phases(moe: nn.Module) -> Iterator[None]:
     """record_function ranges around the gate, dispatch, experts and combine (forward)."""
-    sm = moelab_moe.sharded_moe
-    encode, decode = sm._sparse_encode, sm._sparse_decode
 
-    def wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    def wrap(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
         def inner(*a: Any, **k: Any) -> Any:
-            with record_function(label):
+            with record_function(f"phase:{phase}"):
                 return fn(*a, **k)
 
         return inner
 
-    layer = moe.layer.deepspeed_moe
-    originals = {"gate": layer.gate.forward, "experts": layer.experts.forward}
-    layer.gate.forward = wrap(originals["gate"], "phase:gate")
-    layer.experts.forward = wrap(originals["experts"], "phase:experts")
-    sm._sparse_encode, sm._sparse_decode = (
-        wrap(encode, "phase:dispatch"),
-        wrap(decode, "phase:combine"),
-    )
-    try:
+    with dscompat.wrapped_moe_phases(moe.layer, wrap):
         yield
-    finally:
-        sm._sparse_encode, sm._sparse_decode = encode, decode
-        layer.gate.forward, layer.experts.forward = originals["gate"], originals["experts"]
 
 
 def where_time_goes(moe: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -178,7 +166,7 @@ def where_time_goes(moe: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
     with labelled_phases(moe), profile(activities=acts) as prof:
         with record_function("phase:forward"):
-            out, l_aux, _ = moe(x)
+            out, l_aux, _, _ = moe(x)
             loss = out.float().pow(2).mean() + l_aux
         with record_function("phase:backward"):
             loss.backward()

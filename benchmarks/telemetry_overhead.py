@@ -76,7 +76,7 @@ def phase(cfg: MoelabConfig, model: Any, opt: Any, steps: int, on: bool) -> tupl
         opt.step()
         opt.zero_grad(set_to_none=True)
         tel.on_micro_step(out)
-        tel.end_step()
+        tel.end_step(updated=True)
         tel.maybe_log(step)
     per_step = (time.perf_counter() - start) / steps
     t0 = time.perf_counter()

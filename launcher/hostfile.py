@@ -12,13 +12,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.validate import MAX_HOSTS, MAX_RANKS_PER_HOST, ConfigError
+from launcher.errors import ConfigError
 from moelab.config import ClusterConfig
 
 HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
 SLOTS = re.compile(r"^[0-9]+$")
 MAX_BYTES = 1024 * 1024
+MAX_RANKS_PER_HOST = 1024
+"""Ranks (processes) one host may start: hostfile slots, cluster.nproc_per_node."""
+MAX_HOSTS = 10_000
 
 
 def is_plain_host(name: str) -> bool:

@@ -18,7 +18,8 @@ from typing import Any
 from hydra.errors import HydraException
 
 from launcher.compose import compose_config, to_schema
-from launcher.validate import ConfigError, validate
+from launcher.errors import ConfigError
+from launcher.validate import validate
 from moelab.config import MoelabConfig
 from moelab.devices import DEVICES
 from moelab.flops import flops_per_token
@@ -33,6 +34,7 @@ from moelab.memory import (
     fixes_that_fit,
     inference_view,
 )
+from moelab.shapes import ep_rank, experts_of_rank
 
 
 def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
@@ -48,7 +50,8 @@ def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
         "ep_groups": [list(range(s, s + ep)) for s in range(0, world, ep)],
         "expert_data_parallel_groups": [list(range(i, world, ep)) for i in range(ep)],
         "experts_of_rank": {
-            str(r): list(range((r % ep) * local, (r % ep + 1) * local)) for r in range(world)
+            str(r): list(experts_of_rank(ep_rank(r, ep), ep, n_exp)) if ep else []
+            for r in range(world)
         },
     }
 

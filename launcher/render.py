@@ -1,4 +1,8 @@
-"""Render the run directory: everything the launcher runs is on disk before it runs."""
+"""Render the run directory: everything the launcher runs is on disk before it runs.
+
+What every backend shares (the resolved config, DeepSpeed's config, the rank environment, the
+re-runnable scripts); each backend (`launcher.backends`) adds its own commands.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher import gpus, tracking
+from launcher import tracking
+from launcher.errors import ConfigError
 from launcher.hostfile import Resources
-from launcher.validate import ConfigError
 from moelab.config import MoelabConfig
 from moelab.dsconfig import build_ds_config
+from moelab.rundir import RunDir
+from moelab.shapes import threads_per_rank
 
 # Forwarded from the launcher's environment to every rank when set.
 PASS_THROUGH = (
@@ -35,9 +41,9 @@ DS_WRAPS = re.compile(r"[^\w@%+=:,./-]")
 
 @dataclass
 class RunFiles:
-    """What the launcher wrote and will execute."""
+    """What the launcher wrote into the run dir and will execute."""
 
-    run_dir: Path
+    paths: RunDir
     commands: list[list[str]]
     """One command per script: the head's first, then node 1.. for backend no_ssh."""
     env: dict[str, str] = field(default_factory=dict)
@@ -45,19 +51,23 @@ class RunFiles:
     """Write .deepspeed_env (pdsh carries it to the other hosts)."""
 
     @property
+    def run_dir(self) -> Path:
+        return self.paths.root
+
+    @property
     def command(self) -> list[str]:
         return self.commands[0]
 
     @property
     def script(self) -> Path:
-        return self.run_dir / "command.sh"
+        return self.paths.script
 
     def node_script(self, node_rank: int) -> Path:
-        return self.script if node_rank == 0 else self.run_dir / f"node_{node_rank}.sh"
+        return self.paths.node_script(node_rank)
 
     @property
     def log(self) -> Path:
-        return self.run_dir / "train.log"
+        return self.paths.log
 
 
 def free_port() -> int:
@@ -78,87 +88,38 @@ def absolutize(cfg: MoelabConfig, run_dir: Path, resources: Resources | None) ->
         cfg.cluster.master_addr = cfg.cluster.master_addr or resources.first_host
 
 
-def _hostfile_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
+def hostfile_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
+    """deepspeed's options naming the hosts: the run dir's hostfile, filters, the master."""
     c = cfg.cluster
-    args = [f"--hostfile={run_dir / 'hostfile'}"]
+    args = [f"--hostfile={RunDir(run_dir).hostfile}"]
     args += [f"--include={c.include}"] if c.include else []
     args += [f"--exclude={c.exclude}"] if c.exclude else []
     args += [f"--num_nodes={c.num_nodes}"] if c.num_nodes > 0 else []
     return [*args, f"--master_addr={c.master_addr}", f"--master_port={c.master_port}"]
 
 
-def _train_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
-    # --no_local_rank: Hydra-style argv on the ranks; LOCAL_RANK comes from the env.
+def train_args(cfg: MoelabConfig, run_dir: Path) -> list[str]:
+    """What deepspeed runs on every rank (--no_local_rank: LOCAL_RANK comes from the env)."""
     return [
         "--no_local_rank",
         *cfg.launch.extra_args,
         "--module",
         "moelab.train",
         "--config",
-        str(run_dir / "config.yaml"),
+        str(RunDir(run_dir).config),
     ]
-
-
-def local_command(cfg: MoelabConfig, run_dir: Path) -> list[str]:
-    """deepspeed on this machine: --num_gpus ranks, or the GPUs CUDA_VISIBLE_DEVICES names.
-
-    With --num_gpus DeepSpeed replaces CUDA_VISIBLE_DEVICES by 0..N-1, so set devices are
-    named with --include instead: DeepSpeed writes those ids into the ranks'
-    CUDA_VISIBLE_DEVICES as they are, hence physical ids, and the variable is unset for
-    DeepSpeed itself, which then counts (and checks the ids against) all of the host's GPUs.
-    """
-    c, train = cfg.cluster, _train_args(cfg, run_dir)
-    port = f"--master_port={c.master_port}"
-    ids = gpus.local_gpus() if "CUDA_VISIBLE_DEVICES" in os.environ else []
-    if not ids:
-        return ["deepspeed", f"--num_gpus={c.nproc_per_node}", port, *train]
-    include = f"--include=localhost:{','.join(ids[: c.nproc_per_node])}"
-    return ["env", "-u", "CUDA_VISIBLE_DEVICES", "deepspeed", include, port, *train]
 
 
 def prepare_first(run_dir: Path, command: list[str]) -> list[str]:
     """`command`, run once the data is prepared on that host (`python -m moelab.datacache`:
     at once when the cache's receipt holds, else `moelab.data`'s full preparation)."""
-    config = str(run_dir / "config.yaml")
+    config = str(RunDir(run_dir).config)
     return ["python", "-m", "moelab.datacache", "--config", config, "--", *command]
-
-
-def deepspeed_commands(
-    cfg: MoelabConfig, run_dir: Path, nodes: int, env: dict[str, str] | None = None
-) -> list[list[str]]:
-    """The exact deepspeed CLI invocation(s) for the cluster backend (`env`: the ranks')."""
-    c, train, env = cfg.cluster, _train_args(cfg, run_dir), env or {}
-    if c.backend == "local":
-        return [local_command(cfg, run_dir)]
-    hosts = _hostfile_args(cfg, run_dir)
-    if c.backend == "no_ssh":  # the launcher prepares node 0's data; the others do their own
-        node = [["deepspeed", *hosts, "--no_ssh", f"--node_rank={n}", *train] for n in range(nodes)]
-        return node[:1] + [prepare_first(run_dir, cmd) for cmd in node[1:]]
-    launcher: list[str] = []
-    if c.backend == "openmpi":
-        launcher = ["--launcher=openmpi", f"--launcher_args={mpirun_args(cfg, env)}"]
-    check = ["--no_ssh_check"] if c.no_ssh_check else []
-    return [["deepspeed", *launcher, *hosts, *check, *train]]
-
-
-def mpirun_args(cfg: MoelabConfig, env: dict[str, str]) -> str:
-    """mpirun options: ssh options, the interface between hosts, and `-x NAME` for each rank
-    variable (mpirun copies its value from its own environment, command.sh's exports, as it is:
-    DeepSpeed's `-x NAME=VALUE` would keep the quotes it adds around values with spaces)."""
-    c, args = cfg.cluster, []
-    if c.ssh_args:
-        args += ["--mca", "plm_rsh_args", c.ssh_args]
-    if c.socket_ifname:
-        args += ["--mca", "btl_tcp_if_include", c.socket_ifname]
-        args += ["--mca", "oob_tcp_if_include", c.socket_ifname]
-    for key in sorted(env):
-        args += ["-x", key]
-    return shlex.join(args)
 
 
 def rank_env(cfg: MoelabConfig, slots_per_host: int) -> dict[str, str]:
     """Environment every rank needs on top of its host's."""
-    threads = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // slots_per_host)
+    threads = threads_per_rank(os.cpu_count(), slots_per_host, cfg.train.threads_per_rank)
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env.update({k: v for k, v in os.environ.items() if v and forwarded(k)})
     if cfg.cluster.socket_ifname:
@@ -198,7 +159,7 @@ def write_scripts(files: RunFiles) -> None:
     bin_dir = Path(sys.executable).parent
     exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(files.env.items())]
     if files.env_file:
-        env_file = files.run_dir / ".deepspeed_env"
+        env_file = files.paths.deepspeed_env
         env_lines = (f"{k}={env_file_value(k, v)}\n" for k, v in sorted(files.env.items()))
         env_file.write_text("".join(env_lines))
         exports.append(f"export DS_ENV_FILE={shlex.quote(str(env_file))}")
@@ -216,26 +177,20 @@ def write_scripts(files: RunFiles) -> None:
         files.node_script(n).chmod(0o755)
 
 
-def render(cfg: MoelabConfig, run_dir: Path, resources: Resources | None = None) -> RunFiles:
-    """Write config.yaml (resolved), ds_config.json, the hostfile and the scripts."""
+def render_run_dir(
+    cfg: MoelabConfig, run_dir: Path, resources: Resources | None, slots: int | None = None
+) -> RunFiles:
+    """What every backend writes: config.yaml (resolved), ds_config.json and the hostfile;
+    the rank environment (`slots`: ranks per host, for the threads per rank). The backend
+    then adds its commands and writes its scripts once."""
+    paths = RunDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     absolutize(cfg, run_dir, resources)
     if resources is not None and cfg.cluster.hostfile:
-        shutil.copyfile(cfg.cluster.hostfile, run_dir / "hostfile")
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    ds_config = build_ds_config(cfg)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    slots = max(len(s) for s in resources.hosts.values()) if resources else None
-    env = rank_env(cfg, slots or cfg.cluster.nproc_per_node) | tracking.rank_env(cfg, run_dir)
-    files = RunFiles(
-        run_dir=run_dir,
-        commands=deepspeed_commands(cfg, run_dir, cfg.cluster.nodes, env),
-        env=env,
-        env_file=cfg.cluster.backend == "hostfile",
-    )
-    if cfg.cluster.backend == "slurm":
-        from launcher.slurm import write_sbatch
-
-        files.commands = [["sbatch", "--parsable", str(write_sbatch(files, cfg))]]
-    write_scripts(files)
-    return files
+        shutil.copyfile(cfg.cluster.hostfile, paths.hostfile)
+    OmegaConf.save(OmegaConf.structured(cfg), paths.config)
+    paths.ds_config.write_text(json.dumps(build_ds_config(cfg), indent=2) + "\n")
+    if slots is None and resources is not None:
+        slots = max(len(s) for s in resources.hosts.values())
+    env = rank_env(cfg, slots or cfg.cluster.nproc_per_node) | tracking.rank_env(cfg)
+    return RunFiles(paths, commands=[], env=env)

@@ -95,11 +95,11 @@ class KnobTableCallback(Callback):
         self.keys = list(keys)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from launcher import sweep
+        from launcher.jobs import outcomes
         from launcher.tracking import mlflow_client
 
         rows = []
-        for job in sweep.outcomes():
+        for job in outcomes():
             if job.run_id and job.uri and not job.failed:
                 client = mlflow_client(job.uri)
                 rows.append(knob_row(client, client.get_run(job.run_id), self.keys))

@@ -17,12 +17,14 @@ from __future__ import annotations
 import collections
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from launcher.jobs import JobOutcome, outcomes, record, reset
 
 PARENT_ENV = "MOELAB_PARENT_RUN_ID"
 TAIL_ARTIFACT = "logs/train_tail.txt"
@@ -31,52 +33,13 @@ SUMMARY_COLUMNS = ("job", "status", "run id", "overrides", "variant", "train los
 
 
 @dataclass
-class JobOutcome:
-    """What one sweep job did: recorded by the job, read by the callback and by main()."""
-
-    num: int
-    overrides: list[str]
-    status: str = "FAILED"
-    """FINISHED or FAILED (the status of its MLflow run)."""
-    run_id: str | None = None
-    message: str = ""
-    uri: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.status != "FINISHED"
-
-
-@dataclass
 class _Parent:
     uri: str
     run_id: str
 
 
-@dataclass
-class _State:
-    outcomes: list[JobOutcome] = field(default_factory=list)
-    parent: _Parent | None = None
-
-
-_state = _State()
-
-
-def reset() -> None:
-    """Forget the outcomes of a previous sweep in this process."""
-    _state.outcomes.clear()
-
-
-def record(outcome: JobOutcome) -> None:
-    _state.outcomes.append(outcome)
-
-
-def outcomes() -> list[JobOutcome]:
-    return list(_state.outcomes)
-
-
-def failed() -> list[JobOutcome]:
-    return [o for o in _state.outcomes if o.failed]
+_parent: list[_Parent] = []
+"""The open parent run of this process's sweep (at most one)."""
 
 
 def parent_run_id() -> str | None:
@@ -173,7 +136,7 @@ def remote_outcomes(parent: _Parent) -> list[JobOutcome]:
 
 def end_open_parent(status: str = "FAILED") -> None:
     """End a parent run left open (Hydra aborted the sweep before on_multirun_end)."""
-    parent, _state.parent = _state.parent, None
+    parent = _parent.pop() if _parent else None
     os.environ.pop(PARENT_ENV, None)
     if parent is not None:
         from launcher import tracking
@@ -202,16 +165,17 @@ class MlflowSweepCallback(Callback):
         }
         experiment = str(OmegaConf.select(config, "tracking.experiment"))
         run_id = tracking.create_parent_run(uri, experiment, sweep_dir.name, tags)
-        _state.parent = _Parent(uri, run_id)
+        _parent[:] = [_Parent(uri, run_id)]
         os.environ[PARENT_ENV] = run_id
         print(f"moelab-launch: sweep parent run {run_id} in {sweep_dir}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        parent = _state.parent
+        parent = _parent[0] if _parent else None
         if parent is None:
             return
         if not outcomes():  # the jobs ran elsewhere (hydra/launcher=submitit_slurm)
-            _state.outcomes.extend(remote_outcomes(parent))
+            for outcome in remote_outcomes(parent):
+                record(outcome)
         jobs = outcomes()
         status = "FAILED" if not jobs or any(o.failed for o in jobs) else "FINISHED"
         end_open_parent(status)

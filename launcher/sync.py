@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moelab.telemetry.sink import SPOOL_FILE, Replayer, ServerDown, Spool, bound_http_retries
+from moelab.rundir import RunDir
+from moelab.telemetry.spool import Replayer, ServerDown, Spool, bound_http_retries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tracking-uri", default=None, help="override the tracking URI recorded in the spool"
     )
     args = parser.parse_args(argv)
-    if not (args.run_dir / SPOOL_FILE).exists():
+    spool_file = RunDir(args.run_dir).spool
+    if not spool_file.exists():
         print(
-            f"moelab-sync: {args.run_dir} holds no {SPOOL_FILE}; nothing to replay.",
+            f"moelab-sync: {args.run_dir} holds no {spool_file.name}; nothing to replay.",
             file=sys.stderr,
         )
         return 2

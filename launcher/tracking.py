@@ -106,16 +106,17 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow_client(uri).set_terminated(run_id, status)
 
 
-def rank_env(cfg: MoelabConfig, run_dir: Path) -> dict[str, str]:
-    """What the ranks need to log into the launch's run: the tracking URI and where the run
-    id will be (`moelab.runref`), known before the run exists."""
-    return {"MLFLOW_TRACKING_URI": resolve_uri(cfg), runref.ENV: str(run_dir / runref.RUN_REF)}
+def rank_env(cfg: MoelabConfig) -> dict[str, str]:
+    """What the ranks need to log into the launch's run besides the run dir's mlflow_run.json
+    (`moelab.runref`): the tracking URI."""
+    return {"MLFLOW_TRACKING_URI": resolve_uri(cfg)}
 
 
 class PendingRun:
     """The launch's MLflow run, created in a thread while `deepspeed` starts: importing MLflow
     and opening its store take seconds the ranks spend starting anyway. The id reaches the
-    ranks through the run dir (`moelab.runref`); `id()` waits for it."""
+    ranks through the run dir (`moelab.runref`: marked pending before the thread starts, so a
+    rank never mistakes a run to come for none); `id()` waits for it."""
 
     def __init__(
         self,
@@ -129,6 +130,7 @@ class PendingRun:
         self._id: str | None = None
         self._thread: threading.Thread | None = None
         if create is not None:
+            runref.write_pending(run_dir, uri)
             self._thread = threading.Thread(target=self._create, args=(create,), daemon=True)
             self._thread.start()
 

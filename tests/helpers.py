@@ -75,3 +75,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[Any], log: Path, timeout: floa
             pass
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
+
+
+def moe_gates(model: Any) -> dict[int, Any]:
+    """Block index -> that layer's DeepSpeed `TopKGate` (`.deepspeed_moe.gate`)."""
+    from moelab.ds_moe import iter_moe_layers
+
+    return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}

@@ -28,7 +28,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import free_port, launcher_env, unavailable, wait_healthy
-from moelab.runref import RUN_REF
+from moelab.rundir import RunDir
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = "moelab-ui"
@@ -262,7 +262,7 @@ class FrozenStart:
     """MOE_RUN was launched with the server stopped (SIGSTOP) until its ranks had started."""
 
     ranks_started: bool  # a rank process appeared while no MLflow call could be answered
-    run_ref_written: bool  # mlflow_run.json existed then (it cannot, if created alongside)
+    run_ref_written: bool  # mlflow_run.json held a run id then (it cannot, if created alongside)
     output: str  # the launcher's output
 
 
@@ -294,7 +294,8 @@ def _log_runs(server: MlflowServer, work: Path, cache: Path) -> LoggedRuns:
         proc = launch(moe, cache, *MOE_RUN, *tracking)
         try:
             ranks_while_frozen = ranks_start(proc)
-            ref_while_frozen = any((moe / "runs").glob(f"*/*/{RUN_REF}"))
+            refs = [RunDir(d).run_ref for d in (moe / "runs").glob("*/*")]
+            ref_while_frozen = any("run_id" in r.read_text() for r in refs if r.exists())
             os.killpg(group, signal.SIGCONT)
             finish(proc, moe)
         finally:

@@ -83,7 +83,8 @@ def test_stop_file_is_looked_at_once_per_interval(tmp_path: Path) -> None:
     every step; once seen (or signalled) the flag stays up."""
     import time
 
-    from moelab.checkpoint import STOP_FILE, StopFlag
+    from moelab.checkpoint import StopFlag
+    from moelab.rundir import RunDir
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     flag = StopFlag(tmp_path, file_every_s=0.5)  # (installs its signal handlers: restored below)
@@ -91,9 +92,9 @@ def test_stop_file_is_looked_at_once_per_interval(tmp_path: Path) -> None:
         signal.signal(s, handler)
     cpu = torch.device("cpu")
     assert flag.local(cpu).tolist() == [0.0]
-    (tmp_path / STOP_FILE).touch()
+    RunDir(tmp_path).stop_request.touch()
     assert flag.local(cpu).tolist() == [0.0]  # within the interval: not looked at again
     time.sleep(0.6)
     assert flag.local(cpu).tolist() == [1.0]
-    (tmp_path / STOP_FILE).unlink()
+    RunDir(tmp_path).stop_request.unlink()
     assert flag.local(cpu).tolist() == [1.0]

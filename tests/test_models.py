@@ -15,8 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers import moe_gates
 from moelab.config import FFN_KINDS, ModelConfig, MoEConfig
-from moelab.ds_moe import MoEFFN, iter_moe_layers, moe_gates
+from moelab.ds_moe import MoEFFN, iter_moe_layers
 from moelab.flops import active_matmul_params
 from moelab.models import MoelabForCausalLM, MoelabLMConfig, build_model
 from moelab.models.blocks import BLOCK_BUILDERS, ArcticBlock, DenseBlock, MoEBlock
@@ -162,12 +163,13 @@ def test_arctic_block_formula() -> None:
     assert isinstance(block, ArcticBlock)
     x = torch.randn(2, 16, 128)
     with torch.no_grad():
-        out, l_aux, _ = block(x)
+        out = block(x)
         h = x + block.attn(block.attn_norm(x))
-        moe_out, _, _ = block.moe(block.moe_norm(x))
-        expected = h + block.mlp(block.mlp_norm(h)) + moe_out
-    torch.testing.assert_close(out, expected)
-    assert l_aux.item() > 0
+        moe = block.moe(block.moe_norm(x))
+        expected = h + block.mlp(block.mlp_norm(h)) + moe.out
+    torch.testing.assert_close(out.hidden, expected)
+    assert out.l_aux.item() > 0 and out.z_loss.item() > 0
+    torch.testing.assert_close(out.z_loss, moe.z_loss)
 
 
 # --- forward / backward of every variant --------------------------------------------------

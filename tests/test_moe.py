@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from launcher.compose import compose_config, to_schema
+from launcher.errors import ConfigError
 from launcher.plan import build_plan, format_text
-from launcher.validate import ConfigError, validate
+from launcher.validate import validate
 from moelab.config import ModelConfig, MoEConfig
-from moelab.ds_moe import MoEFFN, RouterGate, moe_ffns, router_z_loss
+from moelab.ds_moe import MoEFFN, RouterGate, moe_ffns
 from moelab.models import build_model
 from moelab.models.layers import SwiGLU
+from moelab.models.moe_torch import MoEOutput, router_z_loss
 from moelab.models.sizing import count_params
 
 ROUTER_PER_G = 6 * 1024 * 6  # MoE layers x d_model x num_experts of seed_600m_moe
@@ -105,11 +107,12 @@ def test_router_z_loss_matches_hand_computation() -> None:
         ffn.gate.wg.weight.copy_(torch.eye(3, 4))  # logits = x[:, :3]
     x = torch.tensor([[0.0, 0.0, 0.0, 7.0], [0.0, math.log(2), math.log(5), -1.0]])
     ffn.eval()
-    ffn(x.view(1, 2, 4))
+    out = ffn(x.view(1, 2, 4))
+    assert isinstance(out, MoEOutput) and out.out.shape == (1, 2, 4)
     # logsumexp: ln(1+1+1) = ln 3 and ln(1+2+5) = ln 8
     hand = (math.log(3) ** 2 + math.log(8) ** 2) / 2
-    assert ffn.gate.z_loss is not None
-    assert float(ffn.gate.z_loss.detach()) == pytest.approx(hand, rel=1e-6)
+    assert float(out.z_loss.detach()) == pytest.approx(hand, rel=1e-6)
+    assert not hasattr(ffn.gate, "z_loss")  # the z-loss leaves through the outputs only
     assert float(router_z_loss(torch.tensor([[0.0, 0.0, 0.0]]))) == pytest.approx(math.log(3) ** 2)
 
 
@@ -117,13 +120,41 @@ def test_z_loss_enters_the_loss_with_its_coefficient() -> None:
     model = build_model(tiny(z_loss_coeff=0.5, aux_loss_coeff=0.01), seed=0)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     out = model(ids, labels=ids)
-    gates = [ffn.gate.z_loss for ffn in moe_ffns(model)]
-    assert float(out.z_loss.detach()) == pytest.approx(
-        sum(float(g.detach()) for g in gates if g is not None)
-    )
+    assert float(out.z_loss.detach()) > 0
     assert float(out.loss) == pytest.approx(
         float(out.lm_loss) + 0.01 * float(out.aux_loss) + 0.5 * float(out.z_loss), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_z_loss_sums_the_z_loss_of_every_gates_logits(train: bool) -> None:
+    model = build_model(tiny(z_loss_coeff=0.5, num_experts=8, top_k=1), seed=0).train(train)
+    logits: list[torch.Tensor] = []
+
+    def keep_logits(gate: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        logits.append(torch.nn.functional.linear(args[0].float(), gate.wg.weight.float()))
+
+    for ffn in moe_ffns(model):
+        ffn.gate.register_forward_pre_hook(keep_logits)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = model(ids, labels=ids)
+    assert len(logits) == 2
+    expected = torch.stack([router_z_loss(x) for x in logits]).sum()
+    assert torch.equal(out.z_loss, expected)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_torch_twin_gives_deepspeeds_z_loss_in_eval(top_k: int) -> None:
+    cfg = tiny(top_k=top_k, z_loss_coeff=0.5)
+    ds = build_model(cfg, seed=3).eval()
+    pt = build_model(cfg, seed=4, moe_impl="torch").eval()
+    pt.load_state_dict(ds.state_dict())
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = ds(ids, labels=ids), pt(ids, labels=ids)
+    assert float(want.z_loss) > 0
+    torch.testing.assert_close(got.z_loss, want.z_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=0)
 
 
 def _train_router_scale(z_loss_coeff: float, steps: int = 25) -> tuple[float, float]:

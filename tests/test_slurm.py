@@ -21,9 +21,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import launcher_env, unavailable
+from launcher.backends.sbatch import minutes
 from launcher.compose import compose_config, to_schema
-from launcher.slurm import minutes
-from launcher.validate import ConfigError, validate
+from launcher.errors import ConfigError
+from launcher.validate import validate
 from slurm_cluster import IFNAME, NODES, PARTITION, SlurmCluster, missing_prerequisite
 
 FAST = [
@@ -224,7 +225,7 @@ def test_slurm_options_compose() -> None:
 
 
 def test_job_sbatch_rendered(tmp_path: Path) -> None:
-    from launcher.render import render
+    from launcher.backends import render
 
     opts = ["cluster.gpus_per_node=4", "cluster.slurm_partition=gpu", "cluster.slurm_account=proj"]
     extra = "cluster.slurm_extra=['--qos=high']"
@@ -247,10 +248,10 @@ def test_job_sbatch_rendered(tmp_path: Path) -> None:
     assert "2 nodes x 4 ranks per node = world size 8" in text
     assert '--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR"' in text
     assert files.command == ["sbatch", "--parsable", str(tmp_path / "job.sbatch")]
-    assert "launcher.slurm end-run" not in text  # followed: the launcher ends the run
+    assert "launcher.backends.sbatch end-run" not in text  # followed: the launcher ends the run
     cfg.cluster.wait = False
     render(cfg, tmp_path)
-    epilogue = f"python -m launcher.slurm end-run {tmp_path} $code"
+    epilogue = f"python -m launcher.backends.sbatch end-run {tmp_path} $code"
     assert epilogue in (tmp_path / "job.sbatch").read_text()
 
 
@@ -279,7 +280,7 @@ def test_time_limits() -> None:
 
 @pytest.mark.slow
 def test_checked_against_the_cluster(slurm: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.slurm import check_cluster
+    from launcher.backends.slurm import check_cluster
 
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
 
@@ -307,8 +308,8 @@ def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
     --include parsing reads the arguments), the other node keeps its count."""
     from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
 
-    from launcher.render import render
-    from launcher.slurm import node_args
+    from launcher.backends import render
+    from launcher.backends.sbatch import node_args
 
     cfg = to_schema(compose_config([*SLURM, *MOE, "cluster.gpus_per_node=2"]))
     validate(cfg)
@@ -316,7 +317,7 @@ def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
     step = next(ln for ln in (tmp_path / "job.sbatch").read_text().splitlines() if "srun " in ln)
     assert (
         f"python -m moelab.datacache --config {tmp_path}/config.yaml && exec "
-        f"python -m launcher.slurm node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
+        f"python -m launcher.backends.sbatch node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
     ) in step
     hostfile = tmp_path / "hostfile.slurm"  # what the job writes from its node list
     hostfile.write_text("n1 slots=2\nn2 slots=2\n")
@@ -337,9 +338,9 @@ print(f"rank {os.environ['RANK']} local {os.environ['LOCAL_RANK']} "
 
 @pytest.mark.slow
 def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
-    """The real per-node chain on node 1 of two (no Slurm needed): `launcher.slurm node` then
-    DeepSpeed's runner and per-node launcher start 2 ranks that see CUDA_VISIBLE_DEVICES=2,3,
-    what Slurm set for the node, where DeepSpeed alone would set 0,1."""
+    """The real per-node chain on node 1 of two (no Slurm needed): `launcher.backends.sbatch
+    node` then DeepSpeed's runner and per-node launcher start 2 ranks that see
+    CUDA_VISIBLE_DEVICES=2,3, what Slurm set for the node, where DeepSpeed alone would set 0,1."""
     from helpers import REPO, free_port
 
     (tmp_path / "hostfile.slurm").write_text("n1 slots=2\nn2 slots=2\n")
@@ -347,7 +348,13 @@ def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
     env = launcher_env(tmp_path, tmp_path / "cache") | {
         "SLURM_NODEID": "1", "CUDA_VISIBLE_DEVICES": "2,3", "PYTHONPATH": str(REPO),
     }  # fmt: skip
-    node = [sys.executable, "-m", "launcher.slurm", "node", str(tmp_path / "hostfile.slurm")]
+    node = [
+        sys.executable,
+        "-m",
+        "launcher.backends.sbatch",
+        "node",
+        str(tmp_path / "hostfile.slurm"),
+    ]
     deepspeed = ["deepspeed", "--no_ssh", f"--master_port={free_port()}", "--node_rank=1"]
     rest = ["--master_addr=127.0.0.1", "--no_local_rank", str(tmp_path / "show.py")]
     proc = subprocess.run(

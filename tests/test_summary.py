@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from launcher import sweep
+from launcher import jobs
 from launcher.compose import CONFIG_DIR, compose_config, register_schema, to_schema
 from launcher.summary import KnobTableCallback
 from launcher.validate import validate
@@ -54,7 +54,7 @@ def test_knob_table_puts_load_cv_beside_eval_loss(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("aux", artifact_location=str(tmp_path / "art"))
-    sweep.reset()
+    jobs.reset()
     for num, (coeff, cvs, loss) in enumerate([(0.0, (0.9, 0.7), 5.5), (1.0, (0.1, 0.3), 5.7)]):
         run = client.create_run(exp, tags={"params_total": "1000", "params_active": "600"})
         rid = run.info.run_id
@@ -63,8 +63,8 @@ def test_knob_table_puts_load_cv_beside_eval_loss(
             client.log_metric(rid, f"moe/layer_{i}/load_cv", cv, step=60)
         client.log_metric(rid, "eval/loss", loss, step=60)
         client.set_terminated(rid)
-        sweep.record(sweep.JobOutcome(num, [], "FINISHED", rid, uri=uri))
-    sweep.record(sweep.JobOutcome(2, [], "FAILED", None))
+        jobs.record(jobs.JobOutcome(num, [], "FINISHED", rid, uri=uri))
+    jobs.record(jobs.JobOutcome(2, [], "FAILED", None))
     KnobTableCallback(["model.moe.aux_loss_coeff"]).on_multirun_end(OmegaConf.create({}))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["model.moe.aux_loss_coeff", "params", "active", "load"]
@@ -72,4 +72,4 @@ def test_knob_table_puts_load_cv_beside_eval_loss(
     assert [r[0] for r in rows] == ["0.0", "1.0"]  # the failed job has no row
     assert rows[0][3] == "0.800" and rows[1][3] == "0.200"  # mean over layers
     assert rows[0][-2] == "5.500" and rows[1][-2] == "5.700"
-    sweep.reset()
+    jobs.reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from conftest import SWEEP_EXPERIMENT, VARIANTS, VariantSweep
 from helpers import run_launcher
 from launcher import sweep
 from launcher.compose import compose_config
+from launcher.jobs import JobOutcome
 
 TINY = ["zero=stage2", "parallel=ep2", "train=smoke", "train.steps=4"]
 
@@ -100,8 +102,11 @@ def test_dry_run_sweep_of_compare_variants(tmp_path: Path, shared_cache: Path) -
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists(), "a dry run creates no MLflow run, no parent"
     (sweep_dir,) = (tmp_path / "runs" / "compare_variants").iterdir()
-    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert jobs == ["0-tiny_dense", "1-tiny_moe_top1", "2-tiny_moe_top2", "3-tiny_arctic"]
+    stamp = sweep_dir.name.removeprefix("sweep-")  # variant first, then the sweep's time
+    jobs = sorted((p.name for p in sweep_dir.iterdir() if p.is_dir()), key=lambda n: n[-1])
+    variants = ["tiny_dense", "tiny_moe_top1", "tiny_moe_top2", "tiny_arctic"]
+    assert jobs == [f"{v}-{stamp}-{n}" for n, v in enumerate(variants)]
+    assert re.fullmatch(r"\d{8}-\d{6}", stamp), sweep_dir.name
     cfgs = [yaml.safe_load((sweep_dir / j / "config.yaml").read_text()) for j in jobs]
     assert all(c["train"] == cfgs[0]["train"] for c in cfgs), "equal token budget"
     assert all(c["data"] == cfgs[0]["data"] for c in cfgs)
@@ -117,8 +122,8 @@ def test_compare_variants_composes() -> None:
 
 def test_varying_overrides_and_tags() -> None:
     jobs = [
-        sweep.JobOutcome(0, ["model=tiny_dense", "zero=stage2"]),
-        sweep.JobOutcome(1, ["model=tiny_moe_top2", "zero=stage2"]),
+        JobOutcome(0, ["model=tiny_dense", "zero=stage2"]),
+        JobOutcome(1, ["model=tiny_moe_top2", "zero=stage2"]),
     ]
     assert sweep.varying_overrides(jobs) == {0: "model=tiny_dense", 1: "model=tiny_moe_top2"}
     assert sweep.varying_overrides(jobs[:1]) == {0: "model=tiny_dense zero=stage2"}

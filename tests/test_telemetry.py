@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,15 +15,16 @@ import torch
 from conftest import VARIANT_SWEEP, VariantSweep
 from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig, MoelabConfig
+from moelab.shapes import expert_capacity
 from moelab.telemetry import perf
 from moelab.telemetry.experts import (
     MoeTelemetry,
-    capacity,
     dropped_tokens,
     load_cv,
     max_over_mean,
     router_entropy,
 )
+from moelab.telemetry.sink import NullSink
 
 CPU = torch.device("cpu")
 
@@ -37,8 +40,8 @@ def test_load_cv_and_max_over_mean() -> None:
 def test_capacity_and_drops_follow_deepspeed() -> None:
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.25, min_capacity=4)
     # DeepSpeed: ceil(tokens / experts * capacity_factor * k), at least min_capacity.
-    assert capacity(64, 4, 2, cfg) == 40
-    assert capacity(4, 4, 2, cfg) == 4
+    assert expert_capacity(64, 4, 2, cfg.capacity_factor, cfg.min_capacity) == 40
+    assert expert_capacity(4, 4, 2, cfg.capacity_factor, cfg.min_capacity) == 4
     counts = torch.tensor([[50.0, 30, 30, 18]])  # 128 routes = 64 tokens x top-2
     assert dropped_tokens(counts, 40).tolist() == [10.0]
 
@@ -153,7 +156,7 @@ def test_collapsed_router_shows_in_load_metrics() -> None:
     cfg = with_moe(compose_model("tiny_moe_top2"), top2_2nd_expert_sampling=False)
     normal = _window(build_model(cfg, seed=0), cfg.moe)
     collapsed_model = build_model(cfg, seed=0)
-    from moelab.ds_moe import moe_gates
+    from helpers import moe_gates
 
     with torch.no_grad():
         for gate in moe_gates(collapsed_model).values():
@@ -261,7 +264,7 @@ def a2a_bytes_per_step(cfg: MoelabConfig) -> int:
     moe, t = cfg.model.moe, cfg.train
     tokens = t.micro_batch_size * cfg.data.seq_len  # per rank and micro-step
     experts, k = moe.num_experts * moe.granularity, moe.top_k * moe.granularity
-    cap = max(math.ceil(tokens / experts * moe.capacity_factor * k), moe.min_capacity)
+    cap = expert_capacity(tokens, experts, k, moe.capacity_factor, moe.min_capacity)
     buffer = experts * cap * cfg.model.d_model * DTYPE_BYTES[t.precision]
     ep = cfg.parallel.ep_size
     return len(moe_layer_ids(cfg)) * t.grad_accum * 4 * buffer * (ep - 1) // ep
@@ -297,6 +300,77 @@ def test_a2a_bytes_match_an_independent_count(variant: str, variant_sweep: Varia
     assert all(m[f"moe/layer_{i}/a2a_bwd_ms"] > 0 for i in layers)
     assert sum(m[f"moe/layer_{i}/a2a_bwd_ms"] for i in layers) == pytest.approx(bwd, rel=1e-9)
     assert sum(m[f"moe/layer_{i}/a2a_ms"] for i in layers) == pytest.approx(fwd, rel=1e-9)
+
+
+class RecordingSink(NullSink):
+    """Keeps what rank 0 would log."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+def _losses(x: float) -> SimpleNamespace:
+    """A model output's four losses (a dense model: no expert counts)."""
+    loss, lm_loss, aux_loss, z_loss = (torch.tensor(v) for v in (x, x - 0.5, 0.25, 0.0))
+    return SimpleNamespace(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_log_step_gathers_one_vector_of_every_metric(
+    monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    """Losses (means over the updated steps' micro-steps), skipped steps, LR and gradient
+    norm, perf: one float64 vector per logging step, logged through the sink at the cadence
+    (every 2 steps and the last)."""
+    from launcher.compose import compose_config, to_schema
+    from moelab.engine import DistInfo
+    from moelab.telemetry import core
+
+    over = ["model=tiny_dense", "train.log_every=2", "train.steps=5"]
+    cfg = to_schema(compose_config([*over, f"telemetry.enabled={enabled}"]))
+    cfg.telemetry = dataclasses.replace(cfg.telemetry, system_metrics=False, peak_tflops=1.0)
+    gathered: list[torch.Tensor] = []
+    real_gather = core.gather_rows
+    monkeypatch.setattr(core, "gather_rows", lambda v: gathered.append(v) or real_gather(v))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, ep_size=1)
+    sink = RecordingSink()
+    tel = core.Telemetry(cfg, info, torch.nn.Linear(2, 2), sink)
+    engine = SimpleNamespace(
+        get_lr=lambda: [0.5], get_global_grad_norm=lambda: 2.0, fp16_enabled=lambda: False
+    )
+    steps = [([1.0, 3.0], True), ([5.0, 7.0], True), ([math.nan] * 2, False), ([2.0] * 2, False)]
+    for step, (losses, updated) in enumerate([*steps, ([1.0, 1.0], True)], start=1):
+        tel.begin_step(step)
+        for x in losses:
+            tel.on_micro_step(_losses(x))
+        assert float(tel.step_loss()) == pytest.approx(sum(losses), nan_ok=True)
+        tel.end_step(updated)
+        tel.maybe_log(step, engine)
+    tel.close()
+    assert [step for step, _ in sink.logged] == [2, 4, 5]
+    assert len(gathered) == 3 and all(v.dtype == torch.float64 for v in gathered)
+    (_, first), (_, skipped), (_, last) = sink.logged
+    assert {k: first[k] for k in first if k.startswith("train/")} == {
+        "train/lr": 0.5,
+        "train/loss": 4.0,
+        "train/lm_loss": 3.5,
+        "train/aux_loss": 0.25,
+        "train/z_loss": 0.0,
+        "train/grad_norm": 2.0,
+        "train/skipped_steps": 0.0,
+    }
+    # Every step of the window skipped: no losses, no gradient norm.
+    assert {k: v for k, v in skipped.items() if k.startswith("train/")} == {
+        "train/lr": 0.5,
+        "train/skipped_steps": 2.0,
+    }
+    assert (last["train/loss"], last["train/skipped_steps"]) == (1.0, 2.0)
+    perf_keys = {"perf/step_time_s", "perf/tokens_per_s", "perf/samples_per_s"}
+    assert perf_keys <= first.keys() and first["perf/step_time_s"] > 0
+    assert ("perf/mfu" in first) is enabled
 
 
 def test_comms_profile_adds_comms_logger_to_ds_config() -> None:

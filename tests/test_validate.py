@@ -13,7 +13,8 @@ import pytest
 from conftest import Rejects
 from helpers import run_launcher
 from launcher.compose import compose_config, to_schema
-from launcher.validate import BOUNDED_BY_RULE, COUNT_LIMITS, ConfigError, validate, validate_counts
+from launcher.errors import ConfigError
+from launcher.validate import BOUNDED_BY_RULE, COUNT_LIMITS, validate, validate_counts
 from moelab.config import MoelabConfig
 
 BAD = [

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from moelab.config import ModelConfig, MoEConfig
 from moelab.models import build_model
+from moelab.shapes import threads_per_rank
 
 
 def ds_config(args: argparse.Namespace, world: int) -> dict:
@@ -70,7 +71,7 @@ def main() -> None:
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(threads_per_rank(os.cpu_count(), local))
 
     with open(args.model_json) as f:
         spec = json.load(f)

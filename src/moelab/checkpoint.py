@@ -24,21 +24,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from moelab.config import MoelabConfig
+from moelab.rundir import RunDir
 
 if TYPE_CHECKING:
     import torch
 
-CKPT_DIR = "checkpoints"
-META = "meta.json"
-
-
-def ckpt_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CKPT_DIR
-
 
 def read_meta(run_dir: str | Path) -> dict[str, Any] | None:
     """meta.json of the run dir's newest complete checkpoint, None if there is none."""
-    path = ckpt_dir(run_dir) / META
+    path = RunDir(run_dir).checkpoint_meta
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -158,10 +152,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-STOP_FILE = "stop_requested"
-"""Written into the run dir by the launcher on its first SIGTERM/SIGINT."""
-
-
 class StopFlag:
     """A stop request: the launcher's stop file in the run dir, or a signal to this rank.
 
@@ -172,7 +162,7 @@ class StopFlag:
 
     def __init__(self, run_dir: str | Path, file_every_s: float = 1.0) -> None:
         self.raised = False
-        self.file = Path(run_dir) / STOP_FILE
+        self.file = RunDir(run_dir).stop_request
         self.file_every_s, self.checked_at = file_every_s, -math.inf
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
@@ -202,7 +192,7 @@ class Checkpointer:
     """Saves and restores one run's checkpoints (every rank holds one; all call each method)."""
 
     def __init__(self, cfg: MoelabConfig, world_size: int, ep_size: int, rank: int) -> None:
-        self.cfg, self.dir = cfg, ckpt_dir(cfg.run_dir)
+        self.cfg, self.dir = cfg, RunDir(cfg.run_dir).checkpoints
         self.world_size, self.ep_size, self.rank = world_size, ep_size, rank
 
     def due(self, step: int, stopping: bool) -> bool:
@@ -231,7 +221,7 @@ class Checkpointer:
     def _commit(self, tag: str, step: int) -> None:
         _write_atomic(self.dir / "latest", tag)
         meta = {"step": step, "tag": tag, "world_size": self.world_size, "ep_size": self.ep_size}
-        _write_atomic(self.dir / META, json.dumps(meta) + "\n")
+        _write_atomic(RunDir(self.cfg.run_dir).checkpoint_meta, json.dumps(meta) + "\n")
         tags = sorted(
             (p for p in self.dir.glob("global_step*") if p.is_dir()),
             key=lambda p: int(p.name.removeprefix("global_step")),

@@ -101,11 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     cfg = load_config(argv[1])
     summary = ready(cfg)
-    if summary is None:
-        from moelab import data
-
-        data.main(argv)
-        return
+    if summary is None:  # the full preparation: moelab.data, with this interpreter's options
+        options = sys.orig_argv[1 : sys.orig_argv.index("-m")] if "-m" in sys.orig_argv else []
+        os.execv(sys.executable, [sys.executable, *options, "-m", "moelab.data", *argv])
     print(f"moelab: preparing data ({cfg.data.source}) in {cfg.data.cache_dir}", flush=True)
     took = time.perf_counter() - start
     print(

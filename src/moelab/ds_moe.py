@@ -1,10 +1,12 @@
-"""DeepSpeed's MoE layer as moelab uses it: the only module that imports `deepspeed.moe`.
+"""DeepSpeed's MoE layer as moelab uses it. With `moelab.dscompat`, which holds every DeepSpeed
+internal it relies on, the only module that imports `deepspeed.moe`.
 
 `MoEFFN` wraps `deepspeed.moe.layer.MoE` (so DeepSpeed still finds its MoE modules for
 process groups, expert parameter groups and expert checkpoint shards) and fixes two things:
 experts start independent (seeded by their global id, whatever ep_size), and top-2's Gumbel
 sampling of the second expert (and top-1's random token selection) only happen in training.
-Its gate is `RouterGate`, DeepSpeed's `TopKGate` that also returns the router z-loss.
+Its gate is `RouterGate`, DeepSpeed's `TopKGate` that also returns the router z-loss, and
+its forward gives a `MoEOutput` (out, l_aux, z_loss, exp_counts).
 """
 
 from __future__ import annotations
@@ -14,29 +16,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
-from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import (
-    FIRST_ALLTOALL_TIMER,
-    MOE_TIMER,
-    SECOND_ALLTOALL_TIMER,
-    TOPK_GATE_TIMER,
-    TopKGate,
-    multiplicative_jitter,
-    top1gating,
-    top2gating,
-    topkgating,
-)
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
+from moelab import dscompat
 from moelab.config import MoEConfig
+from moelab.models.moe_torch import MoEOutput, router_z_loss
+from moelab.shapes import experts_of_rank
 
 _SEED_MIX = 1_000_003
-
-
-def ep_rank_of(global_rank: int, ep_size: int) -> int:
-    """Rank inside its expert-parallel group (EP groups are consecutive blocks of ranks)."""
-    return global_rank % ep_size
 
 
 def expert_seed(seed: int, layer_idx: int, global_expert: int) -> int:
@@ -44,29 +33,17 @@ def expert_seed(seed: int, layer_idx: int, global_expert: int) -> int:
     return ((seed * _SEED_MIX + layer_idx) * _SEED_MIX + global_expert) % (2**63)
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; logits (tokens, E)."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
-
-
 class RouterGate(TopKGate):
-    """DeepSpeed's `TopKGate` computing its logits once and keeping their z-loss (`z_loss`).
+    """DeepSpeed's `TopKGate` computing its logits once for the gating and the z-loss.
 
-    Same weights (`wg`), options and gating functions (top1/top2/topkgating) as `TopKGate`;
-    only the forward is restated so the logits it gates on are also the z-loss's.
+    Same weights (`wg`), options and gating functions as `TopKGate`; the forward
+    (`dscompat.gate_forward`) returns `(l_aux, z_loss)` where TopKGate returns l_aux.
     """
-
-    z_loss: torch.Tensor | None = None
 
     @classmethod
     def like(cls, gate: TopKGate) -> RouterGate:
         """A RouterGate with `gate`'s weights and options (the router Linear is shared)."""
-        with torch.device("meta"):  # no init draw: the RNG stream stays as without it
-            new = cls(gate.wg.in_features, gate.wg.out_features, gate.k)
-        for key, value in vars(gate).items():
-            if not key.startswith("_") and key != "training":
-                setattr(new, key, value)
-        new.wg = gate.wg
+        new: RouterGate = dscompat.gate_like(cls, gate)
         return new
 
     def forward(
@@ -76,53 +53,9 @@ class RouterGate(TopKGate):
         sparse_routes: bool = False,
         use_tutel: bool = False,
     ) -> Any:
-        if self.wall_clock_breakdown:
-            self.timers(TOPK_GATE_TIMER).start()
-        x = input.float()
-        if self.noisy_gate_policy == "Jitter" and self.training:
-            x = multiplicative_jitter(x, device=input.device)
-        logits = torch.nn.functional.linear(x, weight=self.wg.weight.float())  # (tokens, E)
-        # A copy: top2gating adds its Gumbel noise to `logits` in place.
-        self.z_loss = router_z_loss(logits.clone())
-        cap = self.capacity_factor if self.training else self.eval_capacity_factor
-        if self.k == 1:
-            noise = self.noisy_gate_policy if self.training else None
-            out = top1gating(
-                logits,
-                cap,
-                self.min_capacity,
-                used_token,
-                noise,
-                self.drop_tokens,
-                self.use_rts,
-                self.ep_group,
-                sparse_routes,
-                use_tutel,
-            )
-        elif self.k == 2:
-            out = top2gating(
-                logits,
-                cap,
-                self.min_capacity,
-                self.drop_tokens,
-                self.ep_group,
-                self.top2_2nd_expert_sampling,
-                sparse_routes,
-            )
-        else:
-            out = topkgating(
-                logits,
-                self.k,
-                cap,
-                self.min_capacity,
-                self.drop_tokens,
-                self.ep_group,
-                sparse_routes=sparse_routes,
-            )
-        if self.wall_clock_breakdown:
-            self.timers(TOPK_GATE_TIMER).stop()
-            self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
-        return out
+        return dscompat.gate_forward(
+            self, input, used_token, sparse_routes, use_tutel, z_loss_of=router_z_loss
+        )
 
 
 def build_deepspeed_moe(
@@ -153,7 +86,7 @@ def build_deepspeed_moe(
 
 
 class MoEFFN(nn.Module):
-    """`deepspeed.moe.layer.MoE` built from `MoEConfig`; forward gives (out, l_aux, exp_counts)."""
+    """`deepspeed.moe.layer.MoE` built from `MoEConfig`; forward gives a `MoEOutput`."""
 
     def __init__(
         self,
@@ -170,7 +103,8 @@ class MoEFFN(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.ep_rank = ep_rank
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.num_experts = moe_cfg.total_experts
         self.top2_sampling = moe_cfg.top2_2nd_expert_sampling
         self.use_rts = moe_cfg.use_rts
         self.timing = False
@@ -187,7 +121,7 @@ class MoEFFN(nn.Module):
         return self.layer.deepspeed_moe.experts.deepspeed_experts
 
     def global_expert_id(self, local_idx: int) -> int:
-        return self.ep_rank * self.layer.num_local_experts + local_idx
+        return experts_of_rank(self.ep_rank, self.ep_size, self.num_experts)[local_idx]
 
     @torch.no_grad()
     def reset_experts(self, seed: int, std: float) -> None:
@@ -212,18 +146,16 @@ class MoEFFN(nn.Module):
         self.gate.top2_2nd_expert_sampling = mode and self.top2_sampling
         self.gate.use_rts = mode and self.use_rts
         # Telemetry times training forwards only (eval passes would pollute the window).
-        self.layer.deepspeed_moe.wall_clock_breakdown = mode and self.timing
-        self.gate.wall_clock_breakdown = mode and self.timing
+        dscompat.set_moe_timing_flags(self.layer, mode and self.timing)
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> MoEOutput:
         # Lets the all-to-alls this forward runs (and their backward) know their layer.
         _A2AStats.layer = self.layer_idx if self.training else None
         try:
-            out, l_aux, exp_counts = self.layer(x)
+            return MoEOutput(*dscompat.moe_forward(self.layer, x))
         finally:
             _A2AStats.layer = None
-        return out, l_aux, exp_counts
 
 
 def moe_ffns(model: nn.Module) -> Iterator[MoEFFN]:
@@ -238,11 +170,6 @@ def iter_moe_layers(model: nn.Module) -> Iterator[tuple[int, MoE]]:
     for module in model.modules():
         if isinstance(module, MoEFFN):
             yield module.layer_idx, module.layer
-
-
-def moe_gates(model: nn.Module) -> dict[int, TopKGate]:
-    """Block index -> that layer's `TopKGate` (`.deepspeed_moe.gate`)."""
-    return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}
 
 
 class _A2AStats:
@@ -260,7 +187,7 @@ class _A2AStats:
     events: ClassVar[list[tuple[int, Any, Any]]] = []  # CUDA (layer, start, end), read later
 
 
-_ORIGINAL_A2A = sharded_moe._AllToAll
+_ORIGINAL_A2A = dscompat.original_all_to_all()
 
 
 def _bytes_to_others(group: Any, tensor: torch.Tensor) -> int:
@@ -302,10 +229,15 @@ class _TimedAllToAll(torch.autograd.Function):
 
 
 def install_moe_timers() -> None:
-    """Route DeepSpeed's all-to-all through `_TimedAllToAll` (process-wide), so that the
-    backward all-to-alls, which the layers' forward timers never see, can be timed too, and
-    the bytes of every training all-to-all counted."""
-    sharded_moe._AllToAll = _TimedAllToAll
+    """Route DeepSpeed's all-to-all through `_TimedAllToAll` until `uninstall_moe_timers`, so
+    that the backward all-to-alls, which the layers' forward timers never see, can be timed
+    too, and the bytes of every training all-to-all counted."""
+    dscompat.swap_all_to_all(_TimedAllToAll)
+
+
+def uninstall_moe_timers() -> None:
+    """Give the MoE layers DeepSpeed's own all-to-all back."""
+    dscompat.restore_all_to_all()
 
 
 def set_moe_timing(model: nn.Module, on: bool) -> None:
@@ -325,20 +257,7 @@ def read_and_reset_moe_timers(model: nn.Module) -> dict[int, dict[str, float]]:
     DeepSpeed's timers keep one record per forward and sum them on every read, so they are
     reset after each read (the layer itself reads them with reset=False after each forward).
     """
-    out: dict[int, dict[str, float]] = {}
-    for idx, moe in iter_moe_layers(model):
-        layer, gate = moe.deepspeed_moe, moe.deepspeed_moe.gate
-        names = {"a2a1": FIRST_ALLTOALL_TIMER, "a2a2": SECOND_ALLTOALL_TIMER, "moe": MOE_TIMER}
-        ms = {k: _read_timer(layer.timers, name) for k, name in names.items()}
-        ms["gate"] = _read_timer(gate.timers, TOPK_GATE_TIMER)
-        out[idx] = ms
-    return out
-
-
-def _read_timer(timers: Any, name: str) -> float:
-    if name not in timers.get_timers():
-        return 0.0
-    return float(timers(name).elapsed(reset=True))
+    return {idx: dscompat.moe_timer_ms(moe) for idx, moe in iter_moe_layers(model)}
 
 
 def read_and_reset_backward_a2a_ms() -> dict[int, float]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from moelab import dscompat, shapes
 
 if TYPE_CHECKING:
     import torch
@@ -34,22 +36,23 @@ class DistInfo:
 
     @property
     def ep_rank(self) -> int:
-        # DeepSpeed builds EP groups from consecutive rank blocks.
-        return self.rank % self.ep_size
+        return shapes.ep_rank(self.rank, self.ep_size)
 
 
 def set_threads(threads_per_rank: int, local_world_size: int) -> int:
     """Give each rank its share of the cores (2 ranks on 2 cores run ~5x slower otherwise)."""
     import torch
 
-    n = threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    n = shapes.threads_per_rank(os.cpu_count(), local_world_size, threads_per_rank)
     torch.set_num_threads(n)
     return n
 
 
 def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
     """Initialise torch.distributed the DeepSpeed way (gloo on CPU, NCCL on GPUs); a collective
-    that waits longer than `timeout_minutes` on a peer fails instead of hanging."""
+    that waits longer than `timeout_minutes` on a peer fails instead of hanging. Refuses a
+    DeepSpeed other than the supported one (`dscompat.check_deepspeed`)."""
+    dscompat.check_deepspeed()
     import deepspeed
 
     timeout = timedelta(minutes=timeout_minutes)
@@ -57,19 +60,18 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
     port = int(os.environ.get("MASTER_PORT", "29500"))
     deepspeed.init_distributed(timeout=timeout, distributed_port=port)
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d
 
     # Groups made later (DeepSpeed's expert-parallel ones) get torch's default, not the world's.
-    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    dscompat.set_default_group_timeout(timeout)
 
     from deepspeed.accelerator import get_accelerator
 
     # Before the first collective: NCCL binds a rank to its current device.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.barrier()  # every rank has mapped the others' shared-memory buffers
-    unlink_shm_buffer(dist.get_rank())
+    dscompat.unlink_shm_buffer(dist.get_rank())
     if dist.get_rank() == 0:
-        got = process_group_timeout()
+        got = dscompat.process_group_timeout()
         shown = f"{got.total_seconds() / 60:g}" if got else f"{timeout_minutes} (requested)"
         print(f"moelab: process-group timeout {shown} min", flush=True)
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -80,18 +82,6 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
         local_world_size=local_world,
         ep_size=ep_size,
     )
-
-
-def unlink_shm_buffer(rank: int) -> None:
-    """Remove this rank's /dev/shm name of DeepSpeed's CPU all-reduce buffer (64 MiB).
-
-    DeepSpeed never unlinks it, so every run would leave one file per rank in /dev/shm until
-    the RAM-backed folder fills up; once all ranks have mapped it the mapping outlives the name.
-    """
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-    with contextlib.suppress(OSError):
-        os.unlink(f"/dev/shm/{name}")
 
 
 def barrier() -> None:
@@ -140,7 +130,7 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     trainable = [p for p in model.parameters() if p.requires_grad]
     hide = ds_config["zero_optimization"]["stage"] in (1, 2) and experts_all_frozen(model)
     ds_config = pick_optimizer(ds_config, get_accelerator().device_name())
-    with zero_optimizer_without_moe() if hide else contextlib.nullcontext():
+    with dscompat.zero_optimizer_without_moe() if hide else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=ds_config
         )
@@ -216,55 +206,12 @@ def experts_all_frozen(model: torch.nn.Module) -> bool:
     )
 
 
-@contextlib.contextmanager
-def zero_optimizer_without_moe() -> Iterator[None]:
-    """Build the ZeRO 1/2 optimizer as for a dense model (all experts frozen).
-
-    DeepSpeed's ZeRO 1/2 optimizer asserts a non-empty MoE parameter group whenever the
-    model has MoE layers. With every expert frozen there is nothing to put in one: the
-    trainable parameters are all data-parallel, which is what the dense optimizer reduces.
-    The engine keeps `has_moe_layers` for everything else (expert checkpoint files, groups).
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._configure_zero_optimizer
-
-    def dense(self: Any, optimizer: Any) -> Any:
-        self.has_moe_layers = False
-        try:
-            return original(self, optimizer)
-        finally:
-            self.has_moe_layers = True
-
-    DeepSpeedEngine._configure_zero_optimizer = dense
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._configure_zero_optimizer = original
-
-
 def expert_ranks_check(info: DistInfo) -> None:
     """Internal invariant: our ep_rank formula matches DeepSpeed's groups."""
     if info.ep_size <= 1:
         return
-    from deepspeed.utils import groups
-
-    got = groups._get_expert_parallel_rank(f"ep_size_{info.ep_size}")
+    got = dscompat.expert_parallel_rank(info.ep_size)
     assert got == info.ep_rank, f"ep rank {got} != {info.ep_rank}"
-
-
-def process_group_timeout() -> timedelta | None:
-    """The default process group's collective timeout, read back from its backend (None where
-    this torch keeps it elsewhere)."""
-    import torch
-    import torch.distributed as dist
-
-    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
-    try:
-        timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
-    except (AttributeError, RuntimeError):
-        return None
-    return timeout if isinstance(timeout, timedelta) else None
 
 
 def set_matmul_precision(allow_tf32: bool) -> None:

@@ -13,7 +13,6 @@ modeling code (copied by transformers' custom-code mechanism), so
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,12 @@ from transformers import PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from moelab import data
-from moelab.checkpoint import ckpt_dir, read_meta
+from moelab.checkpoint import read_meta
 from moelab.config import MoelabConfig, load_config
+from moelab.dscompat import EXPERT_FILE, NON_EXPERT_FILE
 from moelab.models import MoelabForCausalLM, MoelabLMConfig
-from moelab.runref import RUN_REF
+from moelab.rundir import RunDir
 
-NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 EXPORT_INFO = "moelab_export.json"
 """In the exported folder: the source run dir, checkpoint tag and step, and its MLflow run."""
 
@@ -48,7 +46,7 @@ class Source:
 def resolve_source(run_dir: str | Path, tag: str | None = None) -> Source:
     """The run's config and checkpoint tag (the newest complete one unless `tag` is given)."""
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.yaml").exists():
+    if not RunDir(run_dir).config.exists():
         raise ValueError(f"{run_dir} has no config.yaml; pass a moelab run directory.")
     meta = read_meta(run_dir)
     if tag is None:
@@ -57,12 +55,12 @@ def resolve_source(run_dir: str | Path, tag: str | None = None) -> Source:
                 f"{run_dir} has no complete checkpoint; train with train.checkpoint_every > 0."
             )
         tag = str(meta["tag"])
-    if not (ckpt_dir(run_dir) / tag).is_dir():
+    if not (RunDir(run_dir).checkpoints / tag).is_dir():
         raise ValueError(
-            f"checkpoint tag {tag!r} is not in {ckpt_dir(run_dir)}; pick an existing one."
+            f"checkpoint tag {tag!r} is not in {RunDir(run_dir).checkpoints}; pick an existing one."
         )
     step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else -1
-    return Source(run_dir, tag, step, load_config(run_dir / "config.yaml"))
+    return Source(run_dir, tag, step, load_config(RunDir(run_dir).config))
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -75,7 +73,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 def gather_state_dict(source: Source) -> dict[str, torch.Tensor]:
     """Non-expert weights plus every expert of every MoE layer, keyed as in the model."""
-    tag_dir = ckpt_dir(source.run_dir) / source.tag
+    tag_dir = RunDir(source.run_dir).checkpoints / source.tag
     state: dict[str, torch.Tensor] = dict(_load(tag_dir / NON_EXPERT_FILE)["module"])
     expert_files = sorted(p for p in tag_dir.iterdir() if EXPERT_FILE.fullmatch(p.name))
     for path in expert_files:
@@ -141,7 +139,7 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> 
 def export_info(source: Source) -> dict[str, Any]:
     info: dict[str, Any] = {"run_dir": str(source.run_dir), "tag": source.tag}
     info |= {"step": source.step, "variant": source.cfg.model.name}
-    ref = source.run_dir / RUN_REF
+    ref = RunDir(source.run_dir).run_ref
     if ref.exists():
         info["mlflow"] = json.loads(ref.read_text())
     return info

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moelab.checkpoint import CKPT_DIR
+from moelab.dscompat import MODEL_STATES_GLOB
+from moelab.rundir import RunDir
+from moelab.shapes import experts_of_rank
 
 if TYPE_CHECKING:
     from torch import nn
@@ -81,8 +83,7 @@ def zero_refusal(spec: Trainable, total_experts: int, ep_size: int) -> int | Non
     must hold the same kind of groups. With no expert trainable anywhere (router,
     dense_only) moelab builds the optimizer as for a dense model (`engine.initialize`).
     """
-    local = total_experts // ep_size
-    owned = [range(r * local, (r + 1) * local) for r in range(ep_size)]
+    owned = [experts_of_rank(r, ep_size, total_experts) for r in range(ep_size)]
     bare = [r for r, ids in enumerate(owned) if not any(spec.expert(e) for e in ids)]
     return bare[0] if bare and len(bare) < ep_size else None
 
@@ -90,11 +91,11 @@ def zero_refusal(spec: Trainable, total_experts: int, ep_size: int) -> int | Non
 def resolve_init(path: str) -> tuple[Path, str]:
     """(directory DeepSpeed loads from, tag) of `train.init_from`; ValueError if none there."""
     p = Path(path).expanduser()
-    if (p / CKPT_DIR).is_dir():
-        p = p / CKPT_DIR
+    if RunDir(p).checkpoints.is_dir():
+        p = RunDir(p).checkpoints
     if (p / "latest").is_file():
         return p, (p / "latest").read_text().strip()
-    if p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")):
+    if p.is_dir() and any(p.glob(MODEL_STATES_GLOB)):
         return p.parent, p.name
     raise ValueError(
         f"train.init_from={path} holds no checkpoint (no checkpoints/latest, latest, or "
@@ -107,7 +108,7 @@ def source_model(path: str) -> ModelConfig | None:
     from moelab.config import load_config
 
     load_dir, _ = resolve_init(path)
-    run_config = load_dir.parent / "config.yaml"
+    run_config = RunDir(load_dir.parent).config
     return load_config(run_config).model if run_config.is_file() else None
 
 

@@ -14,7 +14,7 @@ ZeRO 0) and before `engine.step()`:
 What "skip" means precisely: the step's gradients are discarded and the optimizer does not
 run (weights, Adam moments and Adam's step count stay as they were), but DeepSpeed's own
 counters (micro/global steps) and the LR schedule still advance, so the step number, data
-order and schedule stay aligned with an unskipped run; the skipped step is counted in
+order and schedule stay aligned with an unskipped run; telemetry counts the skipped step in
 `train/skipped_steps`. Under ZeRO 1/2 the gradients live in the optimizer's partitions
 rather than `param.grad`; there the loss check still applies and the gradient check is
 ZeRO's own (`engine.get_global_grad_norm()` is `inf` after a step it skipped).
@@ -58,14 +58,6 @@ class NonFiniteGuard:
         self.skipped += 1
         return False
 
-    def metrics(self) -> dict[str, float]:
-        return {"train/skipped_steps": float(self.skipped)}
-
-
-def check_finite(loss: float, grad_norm: float | None, step: int, skip: bool) -> bool:
-    """One-off form of NonFiniteGuard.check (no skip count)."""
-    return NonFiniteGuard(skip).check(loss, grad_norm, step)
-
 
 def grad_norm(module: torch.nn.Module) -> float | None:
     """Global L2 norm of this rank's `param.grad`s (None if no parameter has one)."""
@@ -79,21 +71,10 @@ def grad_norm(module: torch.nn.Module) -> float | None:
 @contextmanager
 def skip_update(ds_engine: Any) -> Iterator[None]:
     """Within it, `ds_engine.step()` discards the gradients instead of applying them."""
-    optimizer = ds_engine.optimizer
-    original = optimizer.step
+    from moelab.dscompat import discarding_step
 
-    def discard(*args: Any, **kwargs: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-
-    own = "step" in vars(optimizer)
-    optimizer.step = discard
-    try:
+    with discarding_step(ds_engine.optimizer):
         yield
-    finally:
-        if own:
-            optimizer.step = original
-        else:
-            del optimizer.step
 
 
 class StepGuard:
@@ -149,8 +130,10 @@ class StepGuard:
         overflow = isinstance(after, float) and not math.isfinite(after)
         return self.guard.check(0.0, math.inf if overflow else None, step)
 
-    def metrics(self) -> dict[str, float]:
-        return self.guard.metrics()
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (`apply` returned False)."""
+        return self.guard.skipped
 
 
 def nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Tensor:

@@ -34,11 +34,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from moelab.rundir import RunDir
+
 if TYPE_CHECKING:
     from moelab.config import MoelabConfig
     from moelab.telemetry import Sink
 
-HANG_DIR = "hang"
 HANG_EXIT = 4
 """A rank's (and moelab-launch's) exit code after a hang."""
 TAG = "moelab.hang"
@@ -104,7 +105,7 @@ class Watchdog:
         exit_fn: Callable[[int], Any] = os._exit,
         peer_wait_s: float = PEER_WAIT_S,
     ) -> None:
-        self.dir, self.rank, self.world_size = run_dir / HANG_DIR, rank, world_size
+        self.dir, self.rank, self.world_size = RunDir(run_dir).hang, rank, world_size
         self.timeout_s, self.sink, self.step = timeout_s, sink, step
         self.inject_step, self.inject_rank = inject
         self.target = target or threading.main_thread()
@@ -208,7 +209,7 @@ class Watchdog:
             ranks = ",".join(map(str, behind))
             self.sink.set_tags({TAG: text, f"{TAG}_step": str(step), f"{TAG}_ranks": ranks})
             for dump in sorted(self.dir.glob("rank*.txt")):
-                self.sink.log_artifact(dump, HANG_DIR)
+                self.sink.log_artifact(dump, self.dir.name)
             drain(self.sink, DRAIN_S)
         _write(self.dir / REPORTED, f"{step}\n")
 
@@ -260,8 +261,8 @@ def drain(sink: Sink, timeout_s: float) -> None:
 def describe(run_dir: Path, since: float = 0.0) -> str | None:
     """For moelab-launch: the hang written into `run_dir` at or after `since` (time.time()),
     in one sentence, or None if there was none."""
-    records = []
-    for path in (run_dir / HANG_DIR).glob("rank*.json"):
+    records, hang_dir = [], RunDir(run_dir).hang
+    for path in hang_dir.glob("rank*.json"):
         with suppress(OSError, ValueError):
             records.append(json.loads(path.read_text()))
     records = [r for r in records if r.get("time", 0) >= since]
@@ -270,7 +271,7 @@ def describe(run_dir: Path, since: float = 0.0) -> str | None:
     first = min(records, key=lambda r: (r["rank"] != 0, r["step"]))
     return (
         f"the run hung at step {first['step'] + 1} (no rank finished a step for "
-        f"{first['timeout_s']:g} s); stacks in {run_dir / HANG_DIR}/"
+        f"{first['timeout_s']:g} s); stacks in {hang_dir}/"
     )
 
 

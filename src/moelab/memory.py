@@ -47,7 +47,6 @@ GQA attention stays memory-bound at any batch).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -55,6 +54,7 @@ from typing import Any
 from moelab.config import ModelConfig, MoelabConfig
 from moelab.devices import DeviceSpec
 from moelab.flops import active_matmul_params, flops_per_token
+from moelab.shapes import expert_capacity
 
 GIB = 1024**3
 SERVE_BYTES = 2  # bf16 weights and KV cache for serving
@@ -185,17 +185,14 @@ def estimate_memory(m: ModelConfig, sizes: Sizes, s: TrainSetup, seq_len: int) -
     return MemoryEstimate(**model_state_bytes(sizes, s), activations=act)
 
 
-def expert_capacity(m: ModelConfig, tokens: int) -> int:
-    """DeepSpeed's training capacity per expert: ceil(tokens/E * cf * k), at least min_capacity."""
-    e = m.moe
-    return max(math.ceil(tokens / e.num_experts * e.capacity_factor * e.top_k), e.min_capacity)
-
-
 def all_to_all_bytes(m: ModelConfig, s: TrainSetup, seq_len: int) -> dict[str, float]:
     """Bytes one rank sends in all-to-alls per optimizer step (0 without EP)."""
     if not m.is_moe or s.ep_size == 1:
         return {"per_layer_per_micro_step": 0.0, "per_rank_per_step": 0.0, "world_per_step": 0.0}
-    cap = expert_capacity(m, s.micro_batch_size * seq_len)
+    e = m.moe
+    cap = expert_capacity(
+        s.micro_batch_size * seq_len, e.num_experts, e.top_k, e.capacity_factor, e.min_capacity
+    )
     tensor = m.moe.num_experts * cap * m.d_model * s.weight_bytes  # (E, C, D) dispatched
     per_layer = 4 * tensor * (s.ep_size - 1) / s.ep_size  # 2 forward + 2 backward
     per_rank = per_layer * len(m.moe_layer_indices()) * s.grad_accum

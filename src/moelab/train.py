@@ -10,8 +10,6 @@ import json
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,26 +20,13 @@ from moelab.config import MoelabConfig, load_config, to_container
 from moelab.guard import NonFiniteError, StepGuard
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
+from moelab.rundir import RunDir
 from moelab.runref import RunRefError
 from moelab.telemetry import Sink, make_sink
 from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
 
-LOSS_KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss")
 RESUMED_TAG = "moelab.resumed_from_step"
-
-
-@dataclass
-class Window:
-    """Loss sums between two metric logs, kept on the device (read once, at the log step)."""
-
-    sums: torch.Tensor | None = None
-    """(4,) loss, lm_loss, aux_loss, z_loss summed over the micro-steps of updated steps."""
-    micro_steps: int = 0
-
-    def add(self, step_sums: torch.Tensor, micro_steps: int) -> None:
-        self.sums = step_sums if self.sums is None else self.sums + step_sums
-        self.micro_steps += micro_steps
 
 
 def forward_backward(
@@ -50,30 +35,24 @@ def forward_backward(
     tel: Telemetry,
     guard: StepGuard,
     step: int,
-) -> torch.Tensor:
+) -> None:
     """The grad_accum micro-steps of one optimizer step (DeepSpeed steps itself between them;
-    the boundary step is the caller's). Returns the (4,) loss sums, detached, on the device:
-    nothing is read back to the host."""
-    sums = torch.zeros(len(LOSS_KEYS), device=ds_engine.device)
+    the boundary step is the caller's). `tel` keeps their losses on the device."""
     for _ in range(ds_engine.gradient_accumulation_steps()):
-        sums += micro_step(ds_engine, next(batches), tel, guard, step)
+        micro_step(ds_engine, next(batches), tel, guard, step)
         if not ds_engine.is_gradient_accumulation_boundary():
             ds_engine.step()
-    return sums
 
 
 def micro_step(
     ds_engine: Any, batch: dict[str, torch.Tensor], tel: Telemetry, guard: StepGuard, step: int
-) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its (4,) detached losses. The output (with its
-    B x T x V logits) is freed on return, before the next micro-step's forward."""
+) -> None:
+    """Forward and backward of one micro-batch. The output (with its B x T x V logits) is freed
+    on return, before the next micro-step's forward."""
     ids = batch["input_ids"].to(ds_engine.device, non_blocking=True)  # (B, T), pinned on GPUs
     out = guard.inject(ds_engine(ids, labels=ids), step)
     ds_engine.backward(out.loss)
     tel.on_micro_step(out)
-    return torch.stack(
-        [x.detach().float() for x in (out.loss, out.lm_loss, out.aux_loss, out.z_loss)]
-    )
 
 
 def train_step(
@@ -83,14 +62,13 @@ def train_step(
     guard: StepGuard,
     stop: StopFlag,
     step: int,
-) -> tuple[torch.Tensor | None, bool]:
-    """One optimizer step: its loss sums (None if the update was skipped) and whether any rank
-    was asked to stop. One small all-reduce decides both on every rank alike."""
-    sums = forward_backward(ds_engine, batches, tel, guard, step)
-    flags = torch.cat([guard.local_flags(ds_engine, sums[0]), stop.local(ds_engine.device)])
+) -> tuple[bool, bool]:
+    """One optimizer step: whether the update ran (False if the guard skipped it) and whether
+    any rank was asked to stop. One small all-reduce decides both on every rank alike."""
+    forward_backward(ds_engine, batches, tel, guard, step)
+    flags = torch.cat([guard.local_flags(ds_engine, tel.step_loss()), stop.local(ds_engine.device)])
     loss_bad, grad_bad, stopping = (bool(x) for x in engine.any_rank(flags).tolist())
-    updated = guard.apply(ds_engine, loss_bad, grad_bad, step)
-    return (sums if updated else None), stopping
+    return guard.apply(ds_engine, loss_bad, grad_bad, step), stopping
 
 
 @torch.no_grad()
@@ -109,35 +87,12 @@ def evaluate(ds_engine: Any, loader: Any, max_batches: int) -> dict[str, float]:
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
 
-def window_metrics(w: Window, ds_engine: Any) -> dict[str, float]:
-    """Loss metrics of one logging window, averaged over micro-steps and ranks."""
-    metrics = {"train/lr": ds_engine.get_lr()[0]}
-    if w.sums is None:  # every step of the window was skipped (alike on all ranks)
-        return metrics
-    means = engine.all_reduce_mean(w.sums / w.micro_steps).tolist()
-    metrics |= dict(zip(LOSS_KEYS, means, strict=True))
-    grad_norm = ds_engine.get_global_grad_norm()
-    if grad_norm is not None:
-        metrics["train/grad_norm"] = float(grad_norm)
-    return metrics | loss_scale_metrics(ds_engine)
-
-
-def loss_scale_metrics(ds_engine: Any) -> dict[str, float]:
-    """fp16 only: DeepSpeed's dynamic loss scale and the steps it skipped on overflow."""
-    if not ds_engine.fp16_enabled():
-        return {}
-    return {
-        "train/loss_scale": float(ds_engine.optimizer.loss_scale),
-        "train/overflow_steps": float(ds_engine.skipped_steps),
-    }
-
-
-def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: Path, params: ParamCount) -> None:
+def log_run_inputs(sink: Sink, cfg: MoelabConfig, run_dir: RunDir, params: ParamCount) -> None:
     """Params, sizes and config artifacts (rank 0's sink writes, others ignore)."""
     sink.log_params(flatten(to_container(cfg)))
     sink.set_tags({"params_total": str(params.total), "params_active": str(params.active)})
-    sink.log_text((run_dir / "config.yaml").read_text(), "config/resolved.yaml")
-    sink.log_artifact(run_dir / "ds_config.json", "config")
+    sink.log_text(run_dir.config.read_text(), "config/resolved.yaml")
+    sink.log_artifact(run_dir.ds_config, "config")
 
 
 def run(cfg: MoelabConfig) -> None:
@@ -152,11 +107,10 @@ def run(cfg: MoelabConfig) -> None:
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
     tuning = finetune.freeze(model, finetune.parse_trainable(t.trainable), info.ep_size)
-    run_dir = Path(cfg.run_dir)
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    ds_engine = engine.initialize(model, ds_config)
+    run_dir = RunDir(cfg.run_dir)
+    ds_engine = engine.initialize(model, json.loads(run_dir.ds_config.read_text()))
     engine.expert_ranks_check(info)
-    sink = make_sink(info.is_rank0, run_dir)
+    sink = make_sink(info.is_rank0, run_dir.root)
     log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
     sink.set_tags(tuning.tags() | engine.run_tags(ds_engine))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
@@ -219,18 +173,14 @@ def loop(
     t, stop, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
     guard = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.precision, t.inject_nonfinite_step)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
-    window, bar = Window(), sink.progress(t.steps, first - 1)
     for step in range(first, t.steps + 1):
         dog.inject(step)
         tel.begin_step(step)
-        sums, stopping = train_step(ds_engine, batches, tel, guard, stop, step)
+        updated, stopping = train_step(ds_engine, batches, tel, guard, stop, step)
         if step == first:
             note_first_step(info.is_rank0, step)
-        if sums is not None:
-            window.add(sums, ds_engine.gradient_accumulation_steps())
-        tel.end_step()
-        bar.update(1)
-        window = log_window(tel, step, window, ds_engine, sink, bar, guard)
+        tel.end_step(updated)
+        tel.maybe_log(step, ds_engine)
         stopping = stopping or step == t.stop_after
         with tel.untimed():  # eval and checkpoints are not training throughput
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
@@ -241,27 +191,6 @@ def loop(
         if stopping and step < t.steps:
             sink.set_tags({"moelab.stopped_at_step": str(step)})
             break
-    bar.close()
-
-
-def log_window(
-    tel: Telemetry,
-    step: int,
-    window: Window,
-    ds_engine: Any,
-    sink: Sink,
-    bar: Any,
-    guard: StepGuard,
-) -> Window:
-    """Log the window's metrics on logging steps (collectives: all ranks); the next window."""
-    metrics = tel.maybe_log(step)  # {} except on logging steps
-    if not metrics:
-        return window
-    metrics |= window_metrics(window, ds_engine) | guard.metrics()
-    if "train/loss" in metrics:  # not when every step of the window was skipped
-        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-    sink.log_metrics(metrics, step)
-    return Window()
 
 
 def main(argv: list[str] | None = None) -> None:

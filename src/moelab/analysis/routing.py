@@ -117,7 +117,9 @@ def analyze(
     same = dict.fromkeys(layers, 0)
     titles, pairs, total = [], 0, 0
     for i, text in enumerate(tqdm(docs[cfg.data.text_column], desc="routing", unit="doc")):
-        ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens_per_doc]
+        # verbose=False: no warning that a document is longer than the model's context;
+        # _doc_routes feeds it in windows of seq_len tokens
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens_per_doc]
         if not ids:
             continue
         title = doc_title(text, i)

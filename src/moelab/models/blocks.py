@@ -1,21 +1,30 @@
 """Transformer blocks and the registry that maps `ModelConfig.ffn` to a block builder.
 
-Every block's forward returns `(hidden, l_aux, exp_counts | None)`.
+Every block's forward returns a `BlockOutput`: hidden states, the MoE layer's load-balancing
+loss and router z-loss (zeros in a dense block) and its tokens per expert (None if dense).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .configuration import MoelabLMConfig
 from .layers import CausalSelfAttention, SwiGLU, build_norm
-from .moe_torch import TorchMoE, TorchMoEFFN
+from .moe_torch import MoEOutput, TorchMoE, TorchMoEFFN
 
-BlockOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+class BlockOutput(NamedTuple):
+    """A block's forward: hidden states, l_aux, router z-loss, exp_counts (None: dense)."""
+
+    hidden: torch.Tensor
+    l_aux: torch.Tensor
+    z_loss: torch.Tensor
+    exp_counts: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,8 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> BlockOutput:
         h = x + self.attn(self.attn_norm(x))
-        return h + self.mlp(self.mlp_norm(h)), x.new_zeros(()), None
+        zero = x.new_zeros(())
+        return BlockOutput(h + self.mlp(self.mlp_norm(h)), zero, zero, None)
 
 
 class MoEBlock(nn.Module):
@@ -92,8 +102,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> BlockOutput:
         h = x + self.attn(self.attn_norm(x))
-        y, l_aux, exp_counts = self.moe(self.mlp_norm(h))
-        return h + y, l_aux, exp_counts
+        moe: MoEOutput = self.moe(self.mlp_norm(h))
+        return BlockOutput(h + moe.out, moe.l_aux, moe.z_loss, moe.exp_counts)
 
 
 class ArcticBlock(nn.Module):
@@ -111,9 +121,10 @@ class ArcticBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> BlockOutput:
         # The MoE reads the block input, in parallel with attention and the dense MLP.
-        y, l_aux, exp_counts = self.moe(self.moe_norm(x))
+        moe: MoEOutput = self.moe(self.moe_norm(x))
         h = x + self.attn(self.attn_norm(x))
-        return h + self.mlp(self.mlp_norm(h)) + y, l_aux, exp_counts
+        out = h + self.mlp(self.mlp_norm(h)) + moe.out
+        return BlockOutput(out, moe.l_aux, moe.z_loss, moe.exp_counts)
 
 
 def _pr_moe_block(spec: BlockSpec) -> MoEBlock:

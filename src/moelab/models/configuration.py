@@ -1,8 +1,9 @@
 """Hugging Face config of a moelab model: `ModelConfig` flattened (MoE knobs prefixed `moe_`).
 
-This file, `modeling.py`, `blocks.py`, `layers.py` and `moe_torch.py` are copied into an
-exported model folder, where they run without moelab: they import each other relatively and
-reach `moelab.*` only inside `try` blocks (which transformers' import check skips).
+This file, `modeling.py`, `blocks.py`, `layers.py`, `moe_torch.py` and `shapes.py` (a link to
+`moelab/shapes.py`: the derived sizes, shared with `ModelConfig`) are copied into an exported
+model folder, where they run without moelab: they import each other relatively and reach
+`moelab.*` only inside `try` blocks (which transformers' import check skips).
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from transformers import PretrainedConfig
 # absent beside an exported copy, which needs only the flat fields below; a `try` (not
 # contextlib.suppress) because transformers' import check of remote code skips `try` blocks
 try:  # noqa: SIM105
-    from moelab.config import ModelConfig, MoEConfig
+    from moelab.modelconfig import ModelConfig, MoEConfig
 except ImportError:
     pass
 
+from . import shapes
+from .shapes import is_moe_ffn  # this form is what makes transformers copy shapes.py on export
+
 _MOE_PREFIX = "moe_"
 MOE_IMPLS = ("deepspeed", "torch")
-_MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
+
+
+def _flat(moe_field: str) -> str:
+    """Flat name of a `MoEConfig` field: prefixed `moe_` once (moe_layer_frequency stays)."""
+    return moe_field if moe_field.startswith(_MOE_PREFIX) else _MOE_PREFIX + moe_field
 
 
 class MoelabLMConfig(PretrainedConfig):
@@ -63,7 +71,7 @@ class MoelabLMConfig(PretrainedConfig):
     moe_use_rts: bool = True
     moe_noisy_gate_policy: str | None = None
     moe_top2_2nd_expert_sampling: bool = True
-    moe_moe_layer_frequency: int = 1
+    moe_layer_frequency: int = 1
     moe_aux_loss_coeff: float = 0.01
     moe_expert_mlp_ratio: float = 8.0
     moe_expert_hidden_size: int | None = None
@@ -74,39 +82,43 @@ class MoelabLMConfig(PretrainedConfig):
     moe_impl: str = "deepspeed"
     """deepspeed: DeepSpeed's MoE layer (training); torch: pure-torch dispatch (inference)."""
 
+    def __post_init__(self, **kwargs: Any) -> None:
+        # config.json written before the field lost its doubled prefix
+        if "moe_moe_layer_frequency" in kwargs:
+            self.moe_layer_frequency = kwargs.pop("moe_moe_layer_frequency")
+        super().__post_init__(**kwargs)
+
     # The derived sizes of `ModelConfig`, for model code that runs without moelab installed.
     @property
     def is_moe(self) -> bool:
-        return self.ffn in _MOE_FFN_KINDS
+        return is_moe_ffn(self.ffn)
 
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return shapes.kv_heads(self.n_heads, self.n_kv_heads)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return shapes.head_dim(self.d_model, self.n_heads)
 
     @property
     def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return ((self.vocab_size + m - 1) // m) * m
+        return shapes.padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
     @property
     def mlp_hidden(self) -> int:
-        return self.mlp_hidden_size or int(self.mlp_ratio * self.d_model) // 2
+        return shapes.swiglu_hidden(self.d_model, self.mlp_ratio, self.mlp_hidden_size)
 
     @property
     def expert_hidden(self) -> int:
         """`ModelConfig.expert_hidden`: the base size split by granularity (rounded)."""
-        base = self.moe_expert_hidden_size or int(self.moe_expert_mlp_ratio * self.d_model) // 2
-        g, m = self.moe_granularity, self.moe_granularity_round
-        if g <= 1:
-            return base
-        return max(m, (base + g * m // 2) // (g * m) * m) if m > 0 else base // g
+        base = shapes.swiglu_hidden(
+            self.d_model, self.moe_expert_mlp_ratio, self.moe_expert_hidden_size
+        )
+        return shapes.split_hidden(base, self.moe_granularity, self.moe_granularity_round)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.is_moe and (layer_idx + 1) % self.moe_moe_layer_frequency == 0
+        return self.is_moe and shapes.is_moe_layer(layer_idx, self.moe_layer_frequency)
 
     @classmethod
     def from_model_config(
@@ -116,14 +128,14 @@ class MoelabLMConfig(PretrainedConfig):
             f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "moe"
         }
         for f in dataclasses.fields(cfg.moe):
-            fields[_MOE_PREFIX + f.name] = getattr(cfg.moe, f.name)
+            fields[_flat(f.name)] = getattr(cfg.moe, f.name)
         if moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl={moe_impl!r} is not one of {MOE_IMPLS}; pick one of them.")
         return cls(**fields, ep_size=ep_size, moe_impl=moe_impl)
 
     def to_model_config(self) -> ModelConfig:
         moe = MoEConfig(
-            **{f.name: getattr(self, _MOE_PREFIX + f.name) for f in dataclasses.fields(MoEConfig)}
+            **{f.name: getattr(self, _flat(f.name)) for f in dataclasses.fields(MoEConfig)}
         )
         names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "moe"]
         return ModelConfig(**{n: getattr(self, n) for n in names}, moe=moe)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .blocks import BlockSpec, build_block
+from .blocks import BlockOutput, BlockSpec, build_block
 from .configuration import MoelabLMConfig
 from .layers import build_norm
 
@@ -34,6 +34,15 @@ class MoelabCausalLMOutput(ModelOutput):
     exp_counts: tuple[torch.Tensor, ...] | None = None
 
 
+class BackboneOutput(NamedTuple):
+    """The final-norm hidden states and, per MoE layer in order, l_aux, z-loss, exp_counts."""
+
+    hidden: torch.Tensor
+    aux: list[torch.Tensor]
+    z_loss: list[torch.Tensor]
+    exp_counts: list[torch.Tensor]
+
+
 class MoelabBackbone(nn.Module):
     """Token embedding, the blocks and the final norm."""
 
@@ -46,18 +55,17 @@ class MoelabBackbone(nn.Module):
         )
         self.norm = build_norm(cfg)
 
-    def forward(
-        self, input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
         h = self.embed_tokens(input_ids)  # (B, T, D)
-        aux: list[torch.Tensor] = []
-        counts: list[torch.Tensor] = []
+        out = BackboneOutput(h, [], [], [])
         for block in self.layers:
-            h, l_aux, exp_counts = block(h)
-            if exp_counts is not None:
-                aux.append(l_aux)
-                counts.append(exp_counts)
-        return self.norm(h), aux, counts
+            b: BlockOutput = block(h)
+            h = b.hidden
+            if b.exp_counts is not None:
+                out.aux.append(b.l_aux)
+                out.z_loss.append(b.z_loss)
+                out.exp_counts.append(b.exp_counts)
+        return out._replace(hidden=self.norm(h))
 
 
 class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
@@ -113,12 +121,11 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
         """Causal LM over `input_ids` (B, T); other keywords (attention_mask, ...) are ignored."""
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[-1]} > max_seq_len")
-        h, aux, counts = self.model(input_ids)
+        h, aux, z, counts = self.model(input_ids)
         logits = self.lm_head(h)  # (B, T, V)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux_loss = torch.stack(aux).sum() if aux else zero
-        z_sum = router_z_loss_sum(self.model)
-        z_loss = z_sum if z_sum is not None else zero
+        z_loss = torch.stack(z).sum() if z else zero
         lm_loss = loss = None
         if labels is not None:
             lm_loss = shifted_cross_entropy(logits, labels)
@@ -133,12 +140,6 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             exp_counts=tuple(counts),
         )
-
-
-def router_z_loss_sum(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the z-loss each router kept from its last forward (None: no router keeps one)."""
-    losses = [z for m in model.modules() if (z := getattr(m, "z_loss", None)) is not None]
-    return torch.stack(losses).sum() if losses else None
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -12,19 +12,33 @@ loads into either implementation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .shapes import expert_capacity
+
+
+class MoEOutput(NamedTuple):
+    """An MoE FFN's forward: output, load-balancing loss, router z-loss, tokens per expert."""
+
+    out: torch.Tensor
+    l_aux: torch.Tensor
+    z_loss: torch.Tensor
+    exp_counts: torch.Tensor
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; logits (tokens, E)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
 Routes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """(l_aux, expert index (k, S) with -1 for a dropped route, gate weight (k, S), exp_counts)."""
-
-
-def _capacity(num_tokens: int, num_experts: int, factor: float, min_capacity: int) -> int:
-    # DeepSpeed computes this with a float32 tensor factor: same rounding here.
-    cap = torch.ceil((num_tokens / num_experts) * torch.tensor(factor)).to(torch.int64)
-    return max(int(cap), min_capacity)
+GateOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""`Routes` and the router z-loss of the same logits."""
 
 
 def top1_routes(
@@ -37,7 +51,7 @@ def top1_routes(
     mask = F.one_hot(index, num_classes=num_experts)
     exp_counts = mask.sum(dim=0)
     if drop_tokens:
-        capacity = _capacity(num_tokens, num_experts, capacity_factor, min_capacity)
+        capacity = expert_capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity)
     else:
         capacity = int(exp_counts.max())
     l_aux = torch.sum(gates.mean(dim=0) * mask.float().mean(dim=0)) * num_experts
@@ -65,7 +79,7 @@ def top2_routes(
     l_aux = torch.mean(gates.mean(dim=0) * mask1.float().mean(dim=0)) * num_experts**2
     exp_counts = (mask1 + mask2).sum(dim=0)
     if drop_tokens:
-        capacity = _capacity(num_tokens, num_experts, capacity_factor * 2, min_capacity)
+        capacity = expert_capacity(num_tokens, num_experts, 2, capacity_factor, min_capacity)
         mask1 = mask1 * (loc1 < capacity)
         mask2 = mask2 * (loc2 < capacity)
     w1 = (gates * mask1.float()).sum(dim=1)
@@ -77,7 +91,7 @@ def top2_routes(
 
 
 class TopKRouter(nn.Module):
-    """The gate: `wg` (no bias) applied in fp32, then top-1 or top-2 routes."""
+    """The gate: `wg` (no bias) applied in fp32, then top-1 or top-2 routes and the z-loss."""
 
     def __init__(
         self, d_model: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int,
@@ -90,10 +104,11 @@ class TopKRouter(nn.Module):
         self.k, self.capacity_factor = k, capacity_factor
         self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
 
-    def forward(self, x: torch.Tensor) -> Routes:
+    def forward(self, x: torch.Tensor) -> GateOutput:
         logits = F.linear(x.float(), self.wg.weight.float())  # (S, E)
         routes = top1_routes if self.k == 1 else top2_routes
-        return routes(logits, self.capacity_factor, self.min_capacity, self.drop_tokens)
+        out = routes(logits, self.capacity_factor, self.min_capacity, self.drop_tokens)
+        return (*out, router_z_loss(logits))
 
 
 class ExpertList(nn.Module):
@@ -111,9 +126,9 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.gate, self.experts = gate, experts
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> MoEOutput:
         tokens = x.reshape(-1, x.shape[-1])  # (S, D)
-        l_aux, index, weight, exp_counts = self.gate(tokens)
+        l_aux, index, weight, exp_counts, z_loss = self.gate(tokens)
         routed = tokens.new_zeros((index.shape[0], *tokens.shape))  # (k, S, D)
         for e, expert in enumerate(self.experts.deepspeed_experts):
             route, token = torch.nonzero(index == e, as_tuple=True)
@@ -121,7 +136,7 @@ class RoutedExperts(nn.Module):
                 routed[route, token] = expert(tokens[token])
         # Gate weights are fp32: weight and sum the routes in fp32, as DeepSpeed does.
         combined = (routed * weight.unsqueeze(-1)).sum(dim=0).to(x.dtype)
-        return combined.reshape(x.shape), l_aux, exp_counts
+        return MoEOutput(combined.reshape(x.shape), l_aux, z_loss, exp_counts)
 
 
 class TorchMoE(nn.Module):
@@ -140,17 +155,17 @@ class TorchMoE(nn.Module):
             self.mlp = make_expert()
             self.coefficient = nn.Linear(d_model, 2)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, l_aux, exp_counts = self.deepspeed_moe(x)
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        out, l_aux, z_loss, exp_counts = self.deepspeed_moe(x)
         if self.use_residual:
             coef = F.softmax(self.coefficient(x), dim=-1)
             out = out * coef[..., 0:1] + self.mlp(x) * coef[..., 1:]
-        return out, l_aux, exp_counts
+        return MoEOutput(out, l_aux, z_loss, exp_counts)
 
 
 class TorchMoEFFN(nn.Module):
-    """Same interface and state-dict keys as `moelab.ds_moe.MoEFFN`: forward gives
-    (out, l_aux, exp_counts), always with eval-mode routing."""
+    """Same interface and state-dict keys as `moelab.ds_moe.MoEFFN`: forward gives a
+    `MoEOutput`, always with eval-mode routing."""
 
     def __init__(self, layer_idx: int, layer: TorchMoE) -> None:
         super().__init__()
@@ -161,6 +176,6 @@ class TorchMoEFFN(nn.Module):
     def gate(self) -> TopKRouter:
         return self.layer.deepspeed_moe.gate
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, l_aux, exp_counts = self.layer(x)
-        return out, l_aux, exp_counts
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        out: MoEOutput = self.layer(x)
+        return out

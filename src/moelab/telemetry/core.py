@@ -1,10 +1,16 @@
-"""`Telemetry`: the one object the training loop talks to.
+"""`Telemetry`: the one object the training loop talks to; it owns every train metric.
 
     tel = Telemetry(cfg, info, model, sink)
     ... every optimizer step: tel.begin_step(step); every micro-step: tel.on_micro_step(out);
-        after the update: tel.end_step(); eval and checkpoints inside `with tel.untimed():`
-    metrics = tel.maybe_log(step)   # {} except on logging steps; one collective then
+        the guard's input: tel.step_loss(); after the update: tel.end_step(updated);
+        eval and checkpoints inside `with tel.untimed():`
+    tel.maybe_log(step, ds_engine)   # logging steps only: one collective, then the sink
     tel.close()
+
+It owns the log cadence (`train.log_every` and the last step) and, per logging window, the
+loss sums, the skipped steps, the perf counters and the MoE counters. At a logging step each
+rank builds one float64 vector of all of them on its device and the ranks exchange it in one
+`all_gather`; rank 0's sink logs the metrics read back from the gathered rows.
 
 Time is measured per logging window, between two points where the device is synchronised
 (the first step's start and the logging step), so it stays true on a GPU whose kernels run
@@ -25,14 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from moelab.config import MoelabConfig
 from moelab.engine import DistInfo, synchronize
 from moelab.flops import flops_per_token
 from moelab.telemetry import plots
 from moelab.telemetry.experts import MoeTelemetry
+from moelab.telemetry.losses import WIDTH, LossWindow, train_metrics
 from moelab.telemetry.perf import Peak, device_peak, perf_metrics
-from moelab.telemetry.sink import NullSink, Sink, start_system_metrics
+from moelab.telemetry.sink import NullSink, Sink
+from moelab.telemetry.sysmetrics import start_system_metrics
 
 
 def _dist() -> Any:
@@ -63,8 +72,12 @@ def version_tags() -> dict[str, str]:
     return tags
 
 
+PERF_WIDTH = 3
+"""Perf columns of the gathered vector: window seconds, steps, peak device memory (GiB)."""
+
+
 class Telemetry:
-    """Perf, MoE and system telemetry of one rank, logged through the rank-gated `sink`."""
+    """Loss, perf, MoE and system telemetry of one rank, logged through the rank-gated `sink`."""
 
     def __init__(
         self, cfg: MoelabConfig, info: DistInfo, model: torch.nn.Module, sink: Sink
@@ -74,11 +87,13 @@ class Telemetry:
         self.samples_per_step = t.micro_batch_size * t.grad_accum * info.world_size
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
         self.world_size, self.device = info.world_size, next(model.parameters()).device
-        self.enabled = self.tcfg.enabled
+        self.enabled, self.run_dir = self.tcfg.enabled, Path(cfg.run_dir)
         self.seconds, self.steps = 0.0, 0
         self.window_start: float | None = None  # perf_counter at the window's first step
         self.sample_start = 0.0  # perf_counter at the start of a sampled (MoE-timed) step
         self.history: list[tuple[int, torch.Tensor]] = []
+        self.losses = LossWindow()
+        self.bar: tqdm | None = None  # the progress bar, from the first step on
         self.plot_dir = Path(tempfile.mkdtemp(prefix="moelab-plots-"))
         # No plots for a sink that drops them (other ranks' NullSink).
         self.writes = getattr(sink, "writes_artifacts", not isinstance(sink, NullSink))
@@ -117,11 +132,15 @@ class Telemetry:
 
     def _start_system_metrics(self, info: DistInfo) -> None:
         if self.tcfg.system_metrics:
-            self.monitor = start_system_metrics(info, self.tcfg.system_metrics_interval)
+            self.monitor = start_system_metrics(
+                info, self.tcfg.system_metrics_interval, self.run_dir
+            )
 
     def begin_step(self, step: int) -> None:
         """Before an optimizer step: start the window's clock (after a device sync) on its first
         step; time the MoE layers if this step is sampled."""
+        if self.bar is None:  # the first step this process computes
+            self.bar = self.sink.progress(self.last_step, step - 1)
         if self.window_start is None:
             synchronize(self.device)
             self.window_start = time.perf_counter()
@@ -138,16 +157,26 @@ class Telemetry:
         return step % self.log_every == 0 or step == self.last_step
 
     def on_micro_step(self, out: Any) -> None:
-        """After each training forward: expert counts of every MoE layer (kept on device)."""
+        """After each training backward: the losses and the expert counts of every MoE layer
+        (kept on the device)."""
+        self.losses.on_micro_step(out)
         if self.moe is not None:
             self.moe.on_micro_step(getattr(out, "exp_counts", None))
 
-    def end_step(self) -> None:
-        """After each optimizer step: count it; read the MoE timers of a sampled step."""
+    def step_loss(self) -> torch.Tensor:
+        """The current step's summed loss on the device, for the non-finite guard."""
+        return self.losses.step_loss()
+
+    def end_step(self, updated: bool) -> None:
+        """After each optimizer step (`updated`: False if the guard skipped it): count it and
+        its losses; read the MoE timers of a sampled step."""
         self.steps += 1
+        self.losses.end_step(updated)
         if self.moe is not None and self.moe.timing:
             synchronize(self.device)
             self.moe.on_step((time.perf_counter() - self.sample_start) * 1e3)
+        if self.bar is not None:
+            self.bar.update(1)
 
     @contextmanager
     def untimed(self) -> Iterator[None]:
@@ -163,15 +192,23 @@ class Telemetry:
             synchronize(self.device)
             self.window_start += time.perf_counter() - start
 
-    def maybe_log(self, step: int) -> dict[str, float]:
-        """Metrics of the window ending at `step` on logging steps (all ranks), else {}."""
+    def maybe_log(self, step: int, ds_engine: Any | None = None) -> dict[str, float]:
+        """On logging steps (every rank): the metrics of the window ending at `step`, logged
+        through the sink; else {}. `ds_engine` (DeepSpeed's; None for a bare model) adds the
+        LR, gradient norm and fp16 loss scale."""
         if step % self.log_every and step != self.last_step:
             return {}
         synchronize(self.device)
         if self.window_start is not None:
             self.seconds = time.perf_counter() - self.window_start
-        metrics = self._collect(step) if self.enabled else self._local_perf()
+        rows = gather_rows(self.window_vector()).cpu()
+        metrics = self._collect(step, rows[:, WIDTH:]) if self.enabled else self._local_perf()
+        metrics |= train_metrics(rows[:, :WIDTH], ds_engine)
+        if self.bar is not None and "train/loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        self.sink.log_metrics(metrics, step)
         self.seconds, self.steps, self.window_start = 0.0, 0, None
+        self.losses.reset()
         return metrics
 
     def _local_perf(self) -> dict[str, float]:
@@ -183,18 +220,20 @@ class Telemetry:
         }
 
     def window_vector(self) -> torch.Tensor:
-        """This rank's window as one float64 vector on its device (what `_collect` gathers):
-        seconds, steps, peak device memory (GiB), then the MoE part."""
+        """This rank's window as one float64 vector on its device (what `maybe_log` gathers):
+        the loss part (`LossWindow.vector`), seconds, steps, peak device memory (GiB), then the
+        MoE part."""
         mem = 0.0
         if self.device.type == "cuda":  # the allocator's host-side counter: no device sync
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30
         head = torch.tensor(
             [self.seconds, float(self.steps), mem], dtype=torch.float64, device=self.device
         )
-        return head if self.moe is None else torch.cat([head, self.moe.vector()])
+        parts = [self.losses.vector(self.device), head]
+        return torch.cat(parts if self.moe is None else [*parts, self.moe.vector()])
 
-    def _collect(self, step: int) -> dict[str, float]:
-        rows = gather_rows(self.window_vector()).cpu()
+    def _collect(self, step: int, rows: torch.Tensor) -> dict[str, float]:
+        """Perf and MoE metrics from the gathered rows (the loss part cut off)."""
         step_time = float((rows[:, 0] / rows[:, 1].clamp_min(1)).max())
         metrics = perf_metrics(
             step_time,
@@ -207,7 +246,7 @@ class Telemetry:
         if self.device.type == "cuda":
             metrics["perf/device_mem_peak_gib"] = float(rows[:, 2].max())
         if self.moe is not None:
-            moe = self.moe.metrics(rows[:, 3:])
+            moe = self.moe.metrics(rows[:, PERF_WIDTH:])
             self._plots(step, moe.pop("_shares"))
             metrics |= moe
             self.moe.reset()
@@ -229,6 +268,8 @@ class Telemetry:
 
     def close(self) -> None:
         """Final plots, comms summary, stop the system-metrics thread (all ranks call it)."""
+        if self.bar is not None:
+            self.bar.close()
         for fut in self.pending:
             fut.result()
         self.pool.shutdown()

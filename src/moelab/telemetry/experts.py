@@ -27,22 +27,17 @@ size x (ep_size - 1) / ep_size.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig
+from moelab.shapes import expert_capacity
 
 # Per MoE layer and sampled step: forward all-to-alls (DeepSpeed's 1st, 2nd), gate, whole
 # layer (forward timers), backward all-to-alls (`moelab.ds_moe._TimedAllToAll`).
 TIMER_KEYS = ("a2a1", "a2a2", "gate", "moe", "a2a_bwd")
-
-
-def capacity(tokens: int, num_experts: int, top_k: int, cfg: MoEConfig) -> int:
-    """Expert capacity per forward as DeepSpeed computes it (`_capacity`, factor x k)."""
-    return max(math.ceil(tokens / num_experts * cfg.capacity_factor * top_k), cfg.min_capacity)
 
 
 def load_cv(counts: torch.Tensor) -> torch.Tensor:
@@ -88,7 +83,13 @@ class MoeTelemetry:
         self.layers = [idx for idx, _ in moe_layers.iter_moe_layers(model)]
         self.num_experts = cfg.total_experts
         self.ep_size = ep_size
-        self.cap = capacity(tokens_per_forward, cfg.total_experts, cfg.active_experts, cfg)
+        self.cap = expert_capacity(
+            tokens_per_forward,
+            cfg.total_experts,
+            cfg.active_experts,
+            cfg.capacity_factor,
+            cfg.min_capacity,
+        )
         self.drop_tokens = cfg.drop_tokens
         self.pos = {idx: i for i, idx in enumerate(self.layers)}
         moe_layers.install_moe_timers()
@@ -96,10 +97,6 @@ class MoeTelemetry:
         self.run_bytes = 0.0  # bytes sent in all-to-alls by the logged windows so far
         self.sample_sent = 0  # `a2a_bytes_sent()` when the current sampled step began
         self.reset()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.layers)
 
     def reset(self) -> None:
         n_layers, dev = len(self.layers), self.device
@@ -233,3 +230,4 @@ class MoeTelemetry:
         for h in self.handles:
             h.remove()
         moe_layers.set_moe_timing(self.model, False)
+        moe_layers.uninstall_moe_timers()

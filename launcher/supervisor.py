@@ -1,4 +1,6 @@
-"""Execute a rendered run directory: stream the ranks' output and mirror it to train.log."""
+"""The process supervisor: runs a rendered run dir's command.sh (deepspeed) in its own process
+group, streams the ranks' output to the terminal and train.log, forwards signals (first as a
+stop request the ranks honour after a step), and names the first rank that died."""
 
 from __future__ import annotations
 
@@ -14,30 +16,13 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from launcher.hostfile import Resources, active_resources
 from launcher.render import RunFiles
-from launcher.validate import ConfigError
 from moelab import lifeline
-from moelab.checkpoint import STOP_FILE
-from moelab.config import MULTI_HOST_BACKENDS, MoelabConfig
 from moelab.hang import HANG_EXIT
-
-
-def resolve_cluster(cfg: MoelabConfig) -> Resources | None:
-    """Hosts and world size from the hostfile (multi-host backends); None on one machine."""
-    c = cfg.cluster
-    if c.backend not in MULTI_HOST_BACKENDS:
-        return None
-    if not c.hostfile:
-        raise ConfigError(f"cluster={c.backend} needs cluster.hostfile=<path>.")
-    resources = active_resources(c)
-    c.nodes = len(resources.hosts)
-    c.world_size = resources.world_size
-    return resources
-
+from moelab.rundir import RunDir
 
 received: list[int] = []
-"""Signals the last `execute` got (the run was stopped on purpose when non-empty)."""
+"""Signals the last `supervise` got (the run was stopped on purpose when non-empty)."""
 aborted: list[str] = []
 """Why the launcher itself stopped this launch's ranks (`abort`), when non-empty."""
 _running: list[subprocess.Popen[bytes]] = []
@@ -110,7 +95,7 @@ def forward_signal(pid: int, signum: int, run_dir: Path) -> None:
     whole process group."""
     if not received:
         received.append(signum)
-        (run_dir / STOP_FILE).touch()
+        RunDir(run_dir).stop_request.touch()
         print(
             f"moelab-launch: signal {signum}: ranks stop after this step; again to kill", flush=True
         )
@@ -120,10 +105,10 @@ def forward_signal(pid: int, signum: int, run_dir: Path) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
-def execute(files: RunFiles, append: bool = False) -> int:
+def supervise(files: RunFiles, append: bool = False) -> int:
     """Run command.sh in its own process group; signals to the launcher reach all ranks."""
     received.clear()
-    (files.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
+    files.paths.stop_request.unlink(missing_ok=True)  # a stop request of an earlier attempt
     if len(files.commands) > 1:
         for n in range(1, len(files.commands)):
             print(f"moelab-launch: on node {n} run: bash {files.node_script(n)}", flush=True)
@@ -168,3 +153,22 @@ def stream(proc: subprocess.Popen[bytes], files: RunFiles, append: bool) -> None
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
             log.write(line)
+
+
+def prepare_data(files: RunFiles, append: bool) -> int:
+    """Tokenize and cache the corpus on this host before any rank starts (`python -m
+    moelab.datacache`, which returns at once when the cache's receipt holds; the ranks only load
+    the cache), its output the start of train.log; the exit code, 128 + SIGINT on Ctrl-C."""
+    received.clear()
+    config = str(files.paths.config)
+    command = [sys.executable, "-m", "moelab.datacache", "--config", config]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | files.env
+    )
+    try:
+        stream(proc, files, append)
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the preparation too
+        proc.wait()
+        received.append(signal.SIGINT)
+        return 128 + signal.SIGINT

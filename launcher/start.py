@@ -1,0 +1,64 @@
+"""Start one run: render its dir with the backend, create its MLflow run, run the backend."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from launcher import supervisor, sweep, tracking
+from launcher.backends import Backend
+from launcher.hostfile import Resources
+from launcher.jobs import JobOutcome
+from moelab.config import MoelabConfig
+
+
+def start_run(
+    cfg: MoelabConfig,
+    backend: Backend,
+    run_dir: Path,
+    resources: Resources | None = None,
+    job: JobOutcome | None = None,
+) -> int:
+    """Render, create the MLflow run, execute; returns the exit code.
+
+    For a sweep job (`job`) the run is a child of the sweep's parent run, carries the job's
+    overrides as tags, gets the tail of train.log as an artifact if it fails, and its id
+    and status are stored in `job`.
+    """
+    files = backend.render(cfg, run_dir, resources)
+    if cfg.launch.dry_run:
+        print(f"run dir: {run_dir}")
+        print("\n".join(shlex.join(c) for c in files.commands))
+        if job is not None:
+            job.status = "FINISHED"
+        return 0
+    uri = tracking.resolve_uri(cfg)
+    supervisor.aborted.clear()
+    run = tracking.PendingRun(run_dir, uri, lambda: new_run(cfg, uri, job), backend.cancel)
+    if job is not None:
+        job.uri = uri
+    return backend.run(cfg, files, run, job)
+
+
+def new_run(cfg: MoelabConfig, uri: str, job: JobOutcome | None) -> str:
+    """Create the launch's MLflow run; a sweep job's is a child of the sweep's parent run and
+    carries the job's overrides as tags."""
+    if job is None:
+        return tracking.create_run(cfg, uri)
+    tags = sweep.job_tags(job.num, job.overrides)
+    return tracking.create_run(cfg, uri, parent_run_id=sweep.parent_run_id(), tags=tags)
+
+
+def record_invalid(cfg: MoelabConfig, run_dir: Path, job: JobOutcome, message: str) -> None:
+    """A sweep job whose config fails validation: a FAILED run holding the message."""
+    uri = tracking.resolve_uri(cfg)
+    job.uri, job.message = uri, message
+    job.run_id = tracking.create_run(
+        cfg,
+        uri,
+        parent_run_id=sweep.parent_run_id(),
+        tags=sweep.job_tags(job.num, job.overrides),
+        run_name=run_dir.name,
+    )
+    tracking.log_text(uri, job.run_id, message + "\n", sweep.TAIL_ARTIFACT)
+    tracking.end_run(uri, job.run_id, "FAILED")

@@ -1,0 +1,64 @@
+"""MLflow system metrics (CPU, memory, disk, network, GPU) of every host of a run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moelab import runref
+
+if TYPE_CHECKING:
+    from moelab.engine import DistInfo
+
+
+class SystemMetrics(threading.Thread):
+    """MLflow's SystemMetricsMonitor, built and started off the training thread.
+
+    Building it opens a tracking client (1.3 s for a SQLite store) and takes a first sample:
+    done inline, rank 0 would hold every other rank at the first collective that long.
+    """
+
+    def __init__(self, interval_s: float, node_id: str, run_dir: Path) -> None:
+        super().__init__(name="moelab-system-metrics", daemon=True)
+        self.interval_s, self.node_id, self.run_dir = interval_s, node_id, run_dir
+        self.monitor: Any = None
+
+    def run(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            run_id = runref.launcher_run_id(self.run_dir)
+        except runref.RunRefError:
+            return  # rank 0 reports it and stops the run
+        if run_id is None:
+            return
+        self.monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=self.interval_s,
+            node_id=self.node_id,
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+        )
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.join()
+        if self.monitor is not None:
+            self.monitor.finish()
+
+
+def start_system_metrics(info: DistInfo, interval_s: float, run_dir: Path) -> SystemMetrics | None:
+    """MLflow system metrics from every node: local rank 0 samples its host.
+
+    Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
+    hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled.
+    """
+    if info.local_rank != 0 or not runref.expected(run_dir):
+        return None
+    # The deepspeed launcher's node index; mpirun sets no CROSS_RANK (ranks fill hosts in order).
+    node = os.environ.get("CROSS_RANK") or str(info.rank // max(info.local_world_size, 1))
+    monitor = SystemMetrics(interval_s, f"{socket.gethostname()}-node{node}", run_dir)
+    monitor.start()
+    return monitor
