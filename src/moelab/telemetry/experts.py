@@ -33,7 +33,6 @@ import torch
 
 from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig
-from moelab.shapes import expert_capacity
 
 # Per MoE layer and sampled step: forward all-to-alls (DeepSpeed's 1st, 2nd), gate, whole
 # layer (forward timers), backward all-to-alls (`moelab.ds_moe._TimedAllToAll`).
@@ -83,13 +82,7 @@ class MoeTelemetry:
         self.layers = [idx for idx, _ in moe_layers.iter_moe_layers(model)]
         self.num_experts = cfg.total_experts
         self.ep_size = ep_size
-        self.cap = expert_capacity(
-            tokens_per_forward,
-            cfg.total_experts,
-            cfg.active_experts,
-            cfg.capacity_factor,
-            cfg.min_capacity,
-        )
+        self.cap = cfg.capacity(tokens_per_forward)
         self.drop_tokens = cfg.drop_tokens
         self.pos = {idx: i for i, idx in enumerate(self.layers)}
         moe_layers.install_moe_timers()
