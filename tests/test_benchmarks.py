@@ -116,76 +116,77 @@ def smoke_args() -> argparse.Namespace:
 
 
 def test_smoke_loss_verdict_from_window_means() -> None:
-    import gpu_smoke
+    import gpu_smoke_checks as checks
 
     # log_every 5: each value is the mean of its 5 steps, so first/last 5 are the end windows.
     falling = [(5, 8.3), (10, 8.0), (15, 7.7), (20, 7.4)]
-    v = gpu_smoke.loss_verdict(falling, steps=20, log_every=5)
+    v = checks.loss_verdict(falling, steps=20, log_every=5)
     assert v["ok"] and v["first_mean"] == 8.3 and v["last_mean"] == 7.4
     # Per-step logs: the means of steps 1-5 and 16-20.
     per_step = [(s, 10.0 - 0.1 * s) for s in range(1, 21)]
-    v = gpu_smoke.loss_verdict(per_step, steps=20, log_every=1)
+    v = checks.loss_verdict(per_step, steps=20, log_every=1)
     assert (
         v["ok"] and v["first_mean"] == pytest.approx(9.7) and v["last_mean"] == pytest.approx(8.2)
     )
-    flat = gpu_smoke.loss_verdict([(5, 8.0), (10, 8.1), (15, 8.0), (20, 8.0)], 20, 5)
+    flat = checks.loss_verdict([(5, 8.0), (10, 8.1), (15, 8.0), (20, 8.0)], 20, 5)
     assert not flat["ok"] and not flat["falling"] and "not falling" in flat["detail"]
-    nan = gpu_smoke.loss_verdict([(5, 8.0), (10, float("nan")), (15, 7.0), (20, 6.0)], 20, 5)
+    nan = checks.loss_verdict([(5, 8.0), (10, float("nan")), (15, 7.0), (20, 6.0)], 20, 5)
     assert not nan["finite"] and not nan["ok"]
     # A resume that logged step 15 twice, or lost step 10: not complete.
-    twice = gpu_smoke.loss_verdict([(5, 8.0), (10, 7.9), (15, 7.8), (15, 7.8), (20, 7.0)], 20, 5)
+    twice = checks.loss_verdict([(5, 8.0), (10, 7.9), (15, 7.8), (15, 7.8), (20, 7.0)], 20, 5)
     assert twice["falling"] and not twice["complete"] and not twice["ok"]
-    assert not gpu_smoke.loss_verdict([(5, 8.0), (15, 7.8), (20, 7.0)], 20, 5)["complete"]
-    assert gpu_smoke.loss_verdict([], 20, 5)["detail"].startswith("no loss logged")
-    assert gpu_smoke.log_steps(12, 5) == [5, 10, 12]
+    assert not checks.loss_verdict([(5, 8.0), (15, 7.8), (20, 7.0)], 20, 5)["complete"]
+    assert checks.loss_verdict([], 20, 5)["detail"].startswith("no loss logged")
+    assert checks.log_steps(12, 5) == [5, 10, 12]
 
 
 def test_smoke_steady_figures_leave_out_each_launchs_first_window() -> None:
-    import gpu_smoke
+    import gpu_smoke_checks as checks
 
     tps = [(5, 100.0), (10, 200.0), (15, 50.0), (20, 210.0)]
     # a stopped-and-resumed run: launches started at steps 1 and 11
-    skip = gpu_smoke.first_windows([1, 11], [s for s, _ in tps])
+    skip = checks.first_windows([1, 11], [s for s, _ in tps])
     assert skip == [5, 15]
-    assert gpu_smoke.steady(tps, skip) == 205.0
-    assert gpu_smoke.steady(tps, [5]) == 200.0
-    assert gpu_smoke.steady([], []) != gpu_smoke.steady([], [])  # NaN
+    assert checks.steady(tps, skip) == 205.0
+    assert checks.steady(tps, [5]) == 200.0
+    assert checks.steady([], []) != checks.steady([], [])  # NaN
     # Telemetry costs 2%: tokens/s on is 2% lower than off.
-    assert gpu_smoke.telemetry_ratio(98.0, 100.0) == pytest.approx(1.0204, abs=1e-4)
-    assert gpu_smoke.telemetry_ratio(98.0, 100.0) <= gpu_smoke.TELEMETRY_MAX_RATIO
-    assert gpu_smoke.telemetry_ratio(90.0, 100.0) > gpu_smoke.TELEMETRY_MAX_RATIO
+    assert checks.telemetry_ratio(98.0, 100.0) == pytest.approx(1.0204, abs=1e-4)
+    assert checks.telemetry_ratio(98.0, 100.0) <= checks.TELEMETRY_MAX_RATIO
+    assert checks.telemetry_ratio(90.0, 100.0) > checks.TELEMETRY_MAX_RATIO
     # 10k tokens/s x 6 GFLOP/token on one device of 989.4 TFLOP/s
-    assert gpu_smoke.expected_mfu(1e4, 6e9, 1, 989.4) == pytest.approx(0.0606, abs=1e-4)
-    assert gpu_smoke.expected_mfu(1e4, 6e9, 2, 989.4) == pytest.approx(0.0303, abs=1e-4)
-    assert gpu_smoke.memory_ratio(12.0, 10 * 2**30) == pytest.approx(1.2)
+    assert checks.expected_mfu(1e4, 6e9, 1, 989.4) == pytest.approx(0.0606, abs=1e-4)
+    assert checks.expected_mfu(1e4, 6e9, 2, 989.4) == pytest.approx(0.0303, abs=1e-4)
+    assert checks.memory_ratio(12.0, 10 * 2**30) == pytest.approx(1.2)
     log = "x\n[deepspeed] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 16777216\ny\n"
-    assert gpu_smoke.count_overflows(log * 3) == 3
+    assert checks.count_overflows(log * 3) == 3
 
 
 def test_smoke_device_tags_verdict() -> None:
-    import gpu_smoke
+    import gpu_smoke_checks as checks
 
     cuda = {"device": "cuda:0", "accelerator": "cuda", "dist_backend": "nccl"}
-    assert gpu_smoke.tag_verdict(cuda | {"params_device": "cuda:0"}, "cuda")["ok"]
-    assert gpu_smoke.tag_verdict(cuda, "cuda")["ok"]  # parameters: the rank's device
-    wrong = gpu_smoke.tag_verdict(cuda | {"params_device": "cpu"}, "cuda")
+    assert checks.tag_verdict(cuda | {"params_device": "cuda:0"}, "cuda")["ok"]
+    assert checks.tag_verdict(cuda, "cuda")["ok"]  # parameters: the rank's device
+    wrong = checks.tag_verdict(cuda | {"params_device": "cpu"}, "cuda")
     assert not wrong["ok"] and "params_device='cpu'" in wrong["detail"]
-    missing = gpu_smoke.tag_verdict({"device": "cuda:0", "accelerator": "cuda"}, "cuda")
+    missing = checks.tag_verdict({"device": "cuda:0", "accelerator": "cuda"}, "cuda")
     assert not missing["ok"] and "dist_backend=None" in missing["detail"]
     cpu = {"device": "cpu", "accelerator": "cpu", "dist_backend": "gloo", "params_device": "cpu"}
-    assert gpu_smoke.tag_verdict(cpu, "cpu")["ok"] and not gpu_smoke.tag_verdict(cpu, "cuda")["ok"]
+    assert checks.tag_verdict(cpu, "cpu")["ok"] and not checks.tag_verdict(cpu, "cuda")["ok"]
 
 
 def test_smoke_peak_source_for_the_h200() -> None:
-    import gpu_smoke
+    import gpu_smoke_checks as checks
 
-    assert gpu_smoke.peak_source_expected("NVIDIA H200", "bf16") == "table:h200:bf16"
-    assert gpu_smoke.peak_source_expected("NVIDIA H100 80GB HBM3", "fp16") == "table:h100:fp16"
-    assert gpu_smoke.peak_source_expected("Some Future GPU", "bf16") is None
+    assert checks.peak_source_expected("NVIDIA H200", "bf16") == "table:h200:bf16"
+    assert checks.peak_source_expected("NVIDIA H100 80GB HBM3", "fp16") == "table:h100:fp16"
+    assert checks.peak_source_expected("Some Future GPU", "bf16") is None
 
 
 def test_smoke_report_schema_and_exit_status() -> None:
-    import gpu_smoke as g
+    import gpu_smoke_checks as g
+    from gpu_smoke_report import SCHEMA, summarize, validate_report
 
     checks = [
         g.check("a: launch", g.PASS, "FINISHED"),
@@ -194,7 +195,7 @@ def test_smoke_report_schema_and_exit_status() -> None:
     ]
     assert checks[1]["value"] == {"ratio": None}  # NaN is not JSON
     report = {
-        "schema": g.SCHEMA,
+        "schema": SCHEMA,
         "time": "2026-11-30T00:00:00Z",
         "device": "cpu",
         "device_name": "cpu",
@@ -204,25 +205,25 @@ def test_smoke_report_schema_and_exit_status() -> None:
         "runs": [],
         "checks": checks,
         "skipped": [],
-        "summary": g.summarize(checks),
+        "summary": summarize(checks),
     }
-    assert g.validate_report(json.loads(json.dumps(report))) == []
+    assert validate_report(json.loads(json.dumps(report))) == []
     assert report["summary"]["ok"] and report["summary"][g.NA_CPU] == 1
     # n/a on cpu and info never count as passes; a failure or a skipped run is not ok
     assert report["summary"]["pass"] == 1
-    assert not g.summarize([*checks, g.check("b: launch", g.SKIPPED)])["ok"]
-    assert not g.summarize([*checks, g.check("b: launch", g.FAIL)])["ok"]
+    assert not summarize([*checks, g.check("b: launch", g.SKIPPED)])["ok"]
+    assert not summarize([*checks, g.check("b: launch", g.FAIL)])["ok"]
     broken = dict(report, checks=[{"name": "x", "status": "ok"}])
-    problems = g.validate_report(broken)
+    problems = validate_report(broken)
     assert any("status 'ok' unknown" in p for p in problems)
     assert any("summary does not match" in p for p in problems)
-    assert any("elapsed_s" in p for p in g.validate_report({k: report[k] for k in ("schema",)}))
+    assert any("elapsed_s" in p for p in validate_report({k: report[k] for k in ("schema",)}))
 
 
 def test_smoke_cases_compose_against_the_schema(tmp_path: Path) -> None:
     """Every launch of both modes composes (keys such as train.fp16_initial_scale_power and
     telemetry.enabled exist), and the plan covers the issue's matrix."""
-    import gpu_smoke as g
+    import gpu_smoke_cases as g
 
     from launcher.compose import compose_config, to_schema
 
@@ -244,7 +245,7 @@ def test_smoke_cases_compose_against_the_schema(tmp_path: Path) -> None:
 
 
 def test_smoke_time_guard_skips_what_cannot_finish() -> None:
-    import gpu_smoke as g
+    import gpu_smoke_cases as g
 
     s = g.settings_for("cuda", smoke_args())
     clock = g.Clock(t0=0.0, s=s)

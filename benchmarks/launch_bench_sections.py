@@ -1,0 +1,175 @@
+"""The sections of launch_bench.py: each turns the measured launches into a table and a record.
+
+variants  measured throughput ratios beside the FLOPs-predicted and the seed report's
+overhead  moelab-launch against the plain DeepSpeed script
+scaling   1 vs 2 ranks, ep_size 1 vs 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchlib import format_table, median_ratio, verdict
+
+SEED_RATIOS = {"moe": 1.9, "hybrid": 1.5}
+FIRST_STEP_SLACK_S = 2.0
+STEADY_SLACK = 0.03
+MIN_OF_PREDICTED = 0.8
+
+
+@dataclass
+class Measure:
+    """One launch: steady seconds per step, seconds to the end of step 1, tokens per step."""
+
+    steady_s: float
+    first_step_s: float
+    total_s: float
+    tokens_per_step: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.steady_s
+
+
+def tps(r: dict[str, list[Measure]], name: str) -> list[float]:
+    return [m.tokens_per_s for m in r[name]]
+
+
+def steady(r: dict[str, list[Measure]], name: str) -> list[float]:
+    return [m.steady_s for m in r[name]]
+
+
+def variants_section(
+    r: dict[str, list[Measure]], predict: Callable[[str, str], float]
+) -> tuple[str, dict[str, Any]]:
+    """Measured throughput ratios; `predict(num, den)` gives the FLOPs-predicted one."""
+    rows, out = [], {}
+    pairs = [
+        ("moe", "dense", SEED_RATIOS["moe"]),
+        ("hybrid", "dense", SEED_RATIOS["hybrid"]),
+        ("moe_top1", "moe", None),
+        ("moe_freq2", "moe", None),
+    ]
+    for num, den, seed in pairs:
+        if num not in r or den not in r:
+            continue
+        measured = median_ratio(tps(r, num), tps(r, den))
+        predicted = predict(num, den)
+        share = measured / predicted
+        rows.append(
+            [
+                f"{num}/{den}",
+                statistics.median(tps(r, num)),
+                statistics.median(tps(r, den)),
+                measured,
+                predicted,
+                share,
+                seed if seed else "-",
+                verdict(share, MIN_OF_PREDICTED),
+            ]
+        )
+        out[f"{num}/{den}"] = {
+            "measured": measured,
+            "predicted": predicted,
+            "of_predicted": share,
+            "seed": seed,
+            "num_tokens_per_s": tps(r, num),
+            "den_tokens_per_s": tps(r, den),
+        }
+    names = [n for n in ("dense", "moe", "hybrid", "moe_top1", "moe_freq2") if n in r]
+    extra = {n: [m.extra for m in r[n]] for n in names}
+    tel_rows = [
+        [n, statistics.median(tps(r, n))]
+        + [
+            _median_extra(r[n], key)
+            for key in ("perf/tokens_per_s", "perf/mfu", "moe/a2a_fraction")
+        ]
+        for n in names
+    ]
+    tel = format_table(
+        ["variant", "tok/s (wall)", "tok/s (telemetry)", "MFU", "a2a fraction"], tel_rows
+    )
+    head = [
+        "ratio",
+        "tok/s num",
+        "tok/s den",
+        "measured",
+        "FLOPs-predicted",
+        "measured/pred",
+        "seed report",
+        "target >= 0.8",
+    ]
+    table = format_table(head, rows) + "\n\n" + tel
+    return table, {"ratios": out, "telemetry": extra}
+
+
+def _median_extra(ms: list[Measure], key: str) -> float:
+    values = [m.extra[key] for m in ms if key in m.extra]
+    return statistics.median(values) if values else float("nan")
+
+
+def overhead_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
+    m, b = r["moe"], r["baseline"]
+    steady_ratio = median_ratio(steady(r, "moe"), steady(r, "baseline"))
+    first_delta = statistics.median(
+        x.first_step_s - y.first_step_s for x, y in zip(m, b, strict=True)
+    )
+    total_delta = statistics.median(x.total_s - y.total_s for x, y in zip(m, b, strict=True))
+    rows = [
+        [
+            "steady step time (s)",
+            statistics.median(steady(r, "moe")),
+            statistics.median(steady(r, "baseline")),
+            f"x{steady_ratio:.3f}",
+            verdict(steady_ratio, 1 + STEADY_SLACK, higher_is_better=False),
+        ],
+        [
+            "time to first step (s)",
+            statistics.median(x.first_step_s for x in m),
+            statistics.median(x.first_step_s for x in b),
+            f"{first_delta:+.2f} s",
+            verdict(first_delta, FIRST_STEP_SLACK_S, higher_is_better=False),
+        ],
+        [
+            "whole command (s)",
+            statistics.median(x.total_s for x in m),
+            statistics.median(x.total_s for x in b),
+            f"{total_delta:+.2f} s",
+            "-",
+        ],
+    ]
+    table = format_table(["", "moelab-launch", "plain DeepSpeed", "difference", "target"], rows)
+    return table, {
+        "steady_ratio": steady_ratio,
+        "first_step_delta_s": first_delta,
+        "total_delta_s": total_delta,
+        "moelab": [dataclasses.asdict(x) for x in m],
+        "baseline": [dataclasses.asdict(x) for x in b],
+    }
+
+
+def scaling_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
+    rows, out = [], {}
+    comparisons = [
+        ("2 ranks vs 1 (ep 1), tokens/s", "moe_ep1", "moe_1rank", tps),
+        ("ep_size 2 vs 1 (2 ranks), tokens/s", "moe", "moe_ep1", tps),
+    ]
+    for label, num, den, metric in comparisons:
+        ratio = median_ratio(metric(r, num), metric(r, den))
+        rows.append(
+            [label, statistics.median(metric(r, num)), statistics.median(metric(r, den)), ratio]
+        )
+        out[f"{num}/{den}"] = {"ratio": ratio, "num": metric(r, num), "den": metric(r, den)}
+    return format_table(["comparison", "A", "B", "A/B"], rows), out
+
+
+SECTIONS: dict[str, Callable[..., tuple[str, dict[str, Any]]]] = {
+    "variants": variants_section,
+    "overhead": overhead_section,
+    "scaling": scaling_section,
+}
