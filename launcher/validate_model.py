@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from launcher.rules import at_least, one_of, positive, require
-from moelab.config import FFN_KINDS, NOISY_GATE_POLICIES, NORM_KINDS, ModelConfig, MoelabConfig
+from moelab.config import (
+    FFN_KINDS,
+    MOE_BALANCES,
+    MOE_IMPLS,
+    NOISY_GATE_POLICIES,
+    NORM_KINDS,
+    ModelConfig,
+    MoelabConfig,
+)
+from moelab.dscompat import supported_deepspeed
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -64,6 +73,31 @@ def validate_moe(m: ModelConfig) -> None:
     require(m.expert_hidden > 0, "model.moe.expert_mlp_ratio gives empty experts; raise it.")
     require(e.z_loss_coeff >= 0, f"model.moe.z_loss_coeff={e.z_loss_coeff} must be 0 or more.")
     validate_granularity(m)
+    validate_impl(m)
+
+
+def validate_impl(m: ModelConfig) -> None:
+    """`model.moe.impl` and `model.moe.balance`: what AutoEP can and cannot run."""
+    e = m.moe
+    one_of("model.moe.impl", e.impl, MOE_IMPLS)
+    one_of("model.moe.balance", e.balance, MOE_BALANCES)
+    require(
+        e.balance != "bias",
+        "model.moe.balance=bias needs AutoEP's expert bias, which DeepSpeed "
+        f"{supported_deepspeed()} refuses (load_balance_coeff); use balance=aux or none.",
+    )
+    if e.impl != "autoep":
+        return
+    require(
+        m.ffn != "pr_moe",
+        "model.ffn=pr_moe runs on the classic MoE layer only (AutoEP has no residual expert "
+        "mix); use model.moe.impl=classic, or model.ffn=moe or arctic.",
+    )
+    require(
+        e.noisy_gate_policy is None,
+        f"model.moe.noisy_gate_policy={e.noisy_gate_policy} is not available with "
+        "model.moe.impl=autoep (its router adds no noise); set it to null or use impl=classic.",
+    )
 
 
 def validate_granularity(m: ModelConfig) -> None:
@@ -93,9 +127,9 @@ def validate_parallel(cfg: MoelabConfig) -> None:
     if not m.is_moe:
         return
     require(
-        cfg.zero.stage != 3,
-        f"zero=stage3 does not work with model.ffn={m.ffn}: DeepSpeed's native MoE "
-        "supports ZeRO stages 0-2; use zero=stage2.",
+        cfg.zero.stage != 3 or m.moe.impl == "autoep",
+        f"zero=stage3 does not work with model.ffn={m.ffn} on the classic MoE layer "
+        "(deepspeed.moe supports ZeRO stages 0-2); use zero=stage2 or model.moe.impl=autoep.",
     )
     g, total = m.moe.granularity, m.moe.total_experts
     split = f" x model.moe.granularity={g} = {total}" if g > 1 else ""

@@ -85,7 +85,7 @@ def _tiny(ffn: str, top_k: int, drop: bool) -> ModelConfig:
 def test_torch_moe_matches_deepspeed_moe_in_eval(ffn: str, top_k: int, drop: bool) -> None:
     cfg = _tiny(ffn, top_k, drop)
     ds = build_model(cfg, seed=3).eval()
-    pt = build_model(cfg, seed=4, moe_impl="torch").eval()
+    pt = build_model(cfg, seed=4, moe_runtime="torch").eval()
     pt.load_state_dict(ds.state_dict())
     dropped: list[bool] = []
     for m in pt.modules():
@@ -115,7 +115,7 @@ def test_export_round_trip_from_ep2_checkpoint(trained_moe: TrainedMoE, tmp_path
     out, run_dir = trained_moe.hf_dir, trained_moe.run_dir
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.MoelabForCausalLM"
-    assert config["moe_impl"] == "torch" and config["ep_size"] == 1
+    assert config["moe_runtime"] == "torch" and config["ep_size"] == 1
     for name in ("model.safetensors", "tokenizer.json", "modeling.py", "moe_torch.py"):
         assert (out / name).exists(), name
     info = json.loads((out / "moelab_export.json").read_text())

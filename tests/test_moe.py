@@ -147,7 +147,7 @@ def test_model_z_loss_sums_the_z_loss_of_every_gates_logits(train: bool) -> None
 def test_torch_twin_gives_deepspeeds_z_loss_in_eval(top_k: int) -> None:
     cfg = tiny(top_k=top_k, z_loss_coeff=0.5)
     ds = build_model(cfg, seed=3).eval()
-    pt = build_model(cfg, seed=4, moe_impl="torch").eval()
+    pt = build_model(cfg, seed=4, moe_runtime="torch").eval()
     pt.load_state_dict(ds.state_dict())
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

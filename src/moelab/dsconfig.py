@@ -59,7 +59,35 @@ def build_ds_config(cfg: MoelabConfig) -> dict[str, Any]:
         # Engine-wide timers sync every micro-step; moelab turns on only the MoE layers' own.
         "wall_clock_breakdown": False,
     }
+    if cfg.model.is_moe and cfg.model.moe.impl == "autoep":
+        ds["expert_parallel"] = expert_parallel_section(cfg)
     if cfg.telemetry.comms_profile:
         # Times (and synchronizes) every collective, with message sizes: profiling runs only.
         ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     return ds
+
+
+AUTOEP_BLOCKS = r"model\.layers\.\d+\.moe\.block"
+"""Module names of the blocks AutoEP replaces: `moelab.autoep.AutoEPFFN.block` (a regex)."""
+
+
+def expert_parallel_section(cfg: MoelabConfig) -> dict[str, Any]:
+    """AutoEP's ds_config section for moelab's dropless block (`models.moe_dropless`): custom
+    patterns, fused gate+up experts, softmax scores applied after the experts, renormalised
+    over the k routes when k > 1 (GShard/Mixtral) and not for top-1 (Switch)."""
+    k = cfg.model.moe.active_experts
+    return {
+        "enabled": True,
+        "autoep_size": cfg.parallel.ep_size,
+        "moe_layer_pattern": AUTOEP_BLOCKS,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_storage": "fused_3d",
+        "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": None,
+        "top_k": k,
+        "score_func": "softmax",
+        "score_apply": "post",
+        "route_norm": k > 1,
+    }

@@ -198,12 +198,10 @@ def run_tags(ds_engine: Any) -> dict[str, str]:
 
 def experts_all_frozen(model: torch.nn.Module) -> bool:
     """True for an MoE model none of whose local expert parameters train."""
-    from moelab.ds_moe import moe_ffns
+    from moelab.moe_impls import all_moe_ffns
 
-    ffns = list(moe_ffns(model))
-    return bool(ffns) and not any(
-        p.requires_grad for ffn in ffns for p in ffn.local_experts.parameters()
-    )
+    ffns = list(all_moe_ffns(model))
+    return bool(ffns) and not any(p.requires_grad for ffn in ffns for p in ffn.expert_params())
 
 
 def expert_ranks_check(info: DistInfo) -> None:

@@ -4,7 +4,7 @@ A run's checkpoint tag holds the non-expert weights once (`mp_rank_00_model_stat
 replicated under ZeRO 0-2) and one file per expert, named by its global id, written by
 the EP rank that owns it (`layer_<L>_expert_<E>_mp_rank_00_model_states.pt`). Reading
 every expert file gathers all EP ranks' experts into a single state dict, which loads into
-the model with `moe_impl: torch` (the pure-torch MoE dispatch: no DeepSpeed, no process
+the model with `moe_runtime: torch` (the pure-torch MoE dispatch: no DeepSpeed, no process
 group). The folder gets the config, safetensors weights, the run's tokenizer and the
 modeling code (copied by transformers' custom-code mechanism), so
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` loads it anywhere.
@@ -91,7 +91,7 @@ def gather_state_dict(source: Source) -> dict[str, torch.Tensor]:
 
 def inference_config(source: Source) -> MoelabLMConfig:
     """The HF config of the exported model: all experts local, pure-torch MoE dispatch."""
-    config = MoelabLMConfig.from_model_config(source.cfg.model, ep_size=1, moe_impl="torch")
+    config = MoelabLMConfig.from_model_config(source.cfg.model, ep_size=1, moe_runtime="torch")
     config.use_cache = False
     return config
 

@@ -47,6 +47,10 @@ class MoEConfig:
     """Round the split hidden size to a multiple of this (0 = G must divide the hidden size)."""
     z_loss_coeff: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of the logits, summed over layers)."""
+    impl: str = "classic"
+    """MoE layer: classic (deepspeed.moe, capacity, drops) or autoep (AutoEP, dropless)."""
+    balance: str = "aux"
+    """Load balancing: aux (aux_loss_coeff x load-balancing loss), bias (aux-loss-free) or none."""
 
     @property
     def total_experts(self) -> int:
@@ -57,6 +61,16 @@ class MoEConfig:
     def active_experts(self) -> int:
         """Experts per token after granularity (DeepSpeed's k; k > 2 runs `topkgating`)."""
         return self.top_k * self.granularity
+
+    @property
+    def dropless(self) -> bool:
+        """Whether no route is ever dropped (AutoEP, or the classic layer without capacity)."""
+        return self.impl == "autoep" or not self.drop_tokens
+
+    @property
+    def aux_weight(self) -> float:
+        """The load-balancing loss's weight in the training loss (0 unless balance=aux)."""
+        return self.aux_loss_coeff if self.balance == "aux" else 0.0
 
     def capacity(self, tokens: int, training: bool = True) -> int:
         """Slots per expert of a layer's forward over `tokens` tokens when tokens are dropped."""

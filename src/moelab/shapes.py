@@ -101,3 +101,12 @@ def threads_per_rank(cores: int | None, local_ranks: int, requested: int = 0) ->
     """Torch intra-op threads of one rank: `requested`, else the host's cores shared by its
     `local_ranks` ranks (at least one)."""
     return requested or max(1, (cores or 1) // max(1, local_ranks))
+
+
+_SEED_MIX = 1_000_003
+
+
+def expert_seed(seed: int, layer_idx: int, global_expert: int) -> int:
+    """Seed of one expert's initial weights: independent of ep_size, the rank and the MoE
+    implementation."""
+    return ((seed * _SEED_MIX + layer_idx) * _SEED_MIX + global_expert) % (2**63)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .configuration import MoelabLMConfig
 from .layers import CausalSelfAttention, SwiGLU, build_norm
+from .moe_dropless import DroplessMoE, DroplessMoEFFN
 from .moe_torch import MoEOutput, TorchMoE, TorchMoEFFN
 
 
@@ -38,38 +39,56 @@ class BlockSpec:
     seed: int = 0
 
 
-def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
-    """DeepSpeed's MoE layer (`moe_impl: deepspeed`) or its pure-torch eval twin (`torch`)."""
+def _torch_classic(spec: BlockSpec, use_residual: bool) -> nn.Module:
     cfg = spec.cfg
-    if cfg.moe_impl == "torch":
-        layer = TorchMoE(
-            cfg.d_model,
-            lambda: SwiGLU(cfg.d_model, cfg.expert_hidden),
-            cfg.moe_num_experts * cfg.moe_granularity,
-            cfg.moe_top_k * cfg.moe_granularity,
-            cfg.moe_eval_capacity_factor,
-            cfg.moe_min_capacity,
-            cfg.moe_drop_tokens,
-            use_residual,
-        )
-        return TorchMoEFFN(spec.layer_idx, layer)
-    try:  # an exported copy of this file has no moelab: it only builds moe_impl="torch"
-        from moelab.ds_moe import MoEFFN
+    layer = TorchMoE(
+        cfg.d_model,
+        lambda: SwiGLU(cfg.d_model, cfg.expert_hidden),
+        cfg.moe_num_experts * cfg.moe_granularity,
+        cfg.moe_top_k * cfg.moe_granularity,
+        cfg.moe_eval_capacity_factor,
+        cfg.moe_min_capacity,
+        cfg.moe_drop_tokens,
+        use_residual,
+    )
+    return TorchMoEFFN(spec.layer_idx, layer)
+
+
+def _torch_dropless(spec: BlockSpec, use_residual: bool) -> nn.Module:
+    cfg = spec.cfg
+    g = cfg.moe_granularity
+    block = DroplessMoE(cfg.d_model, cfg.expert_hidden, cfg.moe_num_experts * g, cfg.moe_top_k * g)
+    return DroplessMoEFFN(spec.layer_idx, block)
+
+
+def _deepspeed(spec: BlockSpec, use_residual: bool) -> nn.Module:
+    cfg = spec.cfg
+    try:  # an exported copy of this file has no moelab: it only builds moe_runtime="torch"
+        from moelab.moe_impls import moe_impl
     except ImportError as err:
         raise ImportError(
-            "moe_impl='deepspeed' needs moelab and DeepSpeed installed; load with moe_impl='torch'."
+            "moe_runtime='deepspeed' needs moelab and DeepSpeed installed; load with "
+            "moe_runtime='torch'."
         ) from err
-    return MoEFFN(
-        cfg.d_model,
-        SwiGLU(cfg.d_model, cfg.expert_hidden),
-        cfg.to_model_config().moe,
-        layer_idx=spec.layer_idx,
-        ep_size=spec.ep_size,
-        ep_rank=spec.ep_rank,
-        seed=spec.seed,
-        init_std=cfg.init_std,
-        use_residual=use_residual,
-    )
+    return moe_impl(cfg.moe_impl).build_ffn(spec, use_residual)
+
+
+MOE_FFN_BUILDERS: dict[tuple[str, str], Callable[[BlockSpec, bool], nn.Module]] = {
+    ("torch", "classic"): _torch_classic,
+    ("torch", "autoep"): _torch_dropless,
+    ("deepspeed", "classic"): _deepspeed,
+    ("deepspeed", "autoep"): _deepspeed,
+}
+"""(moe_runtime, moe_impl) -> the MoE FFN builder: training FFNs come from moelab's MoE
+implementations (`moelab.moe_impls`), inference ones are pure torch."""
+
+
+def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
+    """The MoE FFN of `spec`'s block for its config's runtime and MoE implementation."""
+    key = (spec.cfg.moe_runtime, spec.cfg.moe_impl)
+    if key not in MOE_FFN_BUILDERS:
+        raise ValueError(f"(moe_runtime, moe_impl)={key} is not one of {sorted(MOE_FFN_BUILDERS)}.")
+    return MOE_FFN_BUILDERS[key](spec, use_residual)
 
 
 class DenseBlock(nn.Module):

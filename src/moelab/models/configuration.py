@@ -24,7 +24,7 @@ from . import shapes
 from .shapes import is_moe_ffn  # this form is what makes transformers copy shapes.py on export
 
 _MOE_PREFIX = "moe_"
-MOE_IMPLS = ("deepspeed", "torch")
+MOE_RUNTIMES = ("deepspeed", "torch")
 
 
 def _flat(moe_field: str) -> str:
@@ -78,15 +78,26 @@ class MoelabLMConfig(PretrainedConfig):
     moe_granularity: int = 1
     moe_granularity_round: int = 0
     moe_z_loss_coeff: float = 0.0
+    moe_impl: str = "classic"
+    """classic: deepspeed.moe's capacity layer; autoep: DeepSpeed AutoEP's dropless layer."""
+    moe_balance: str = "aux"
     ep_size: int = 1
-    moe_impl: str = "deepspeed"
-    """deepspeed: DeepSpeed's MoE layer (training); torch: pure-torch dispatch (inference)."""
+    moe_runtime: str = "deepspeed"
+    """deepspeed: the MoE layer trains under DeepSpeed; torch: pure-torch dispatch (inference)."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         # config.json written before the field lost its doubled prefix
         if "moe_moe_layer_frequency" in kwargs:
             self.moe_layer_frequency = kwargs.pop("moe_moe_layer_frequency")
+        # config.json written when moe_impl named the runtime (every such model was classic)
+        if self.moe_impl in MOE_RUNTIMES:
+            self.moe_runtime, self.moe_impl = self.moe_impl, "classic"
         super().__post_init__(**kwargs)
+
+    @property
+    def moe_aux_weight(self) -> float:
+        """`MoEConfig.aux_weight`: the load-balancing loss's weight (0 unless balance=aux)."""
+        return self.moe_aux_loss_coeff if self.moe_balance == "aux" else 0.0
 
     # The derived sizes of `ModelConfig`, for model code that runs without moelab installed.
     @property
@@ -122,16 +133,16 @@ class MoelabLMConfig(PretrainedConfig):
 
     @classmethod
     def from_model_config(
-        cls, cfg: ModelConfig, ep_size: int = 1, moe_impl: str = "deepspeed"
+        cls, cfg: ModelConfig, ep_size: int = 1, moe_runtime: str = "deepspeed"
     ) -> MoelabLMConfig:
         fields: dict[str, Any] = {
             f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "moe"
         }
         for f in dataclasses.fields(cfg.moe):
             fields[_flat(f.name)] = getattr(cfg.moe, f.name)
-        if moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl={moe_impl!r} is not one of {MOE_IMPLS}; pick one of them.")
-        return cls(**fields, ep_size=ep_size, moe_impl=moe_impl)
+        if moe_runtime not in MOE_RUNTIMES:
+            raise ValueError(f"moe_runtime={moe_runtime!r} is not one of {MOE_RUNTIMES}.")
+        return cls(**fields, ep_size=ep_size, moe_runtime=moe_runtime)
 
     def to_model_config(self) -> ModelConfig:
         moe = MoEConfig(

@@ -23,7 +23,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MoelabCausalLMOutput(ModelOutput):
-    """`loss = lm_loss + aux_loss_coeff * aux_loss + z_loss_coeff * z_loss`; `aux_loss` sums
+    """`loss = lm_loss + aux weight * aux_loss + z_loss_coeff * z_loss` (the aux weight is
+    aux_loss_coeff under balance=aux, else 0); `aux_loss` sums
     l_aux and `z_loss` the router z-loss over MoE layers."""
 
     loss: torch.Tensor | None = None
@@ -129,7 +130,7 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
         lm_loss = loss = None
         if labels is not None:
             lm_loss = shifted_cross_entropy(logits, labels)
-            loss = lm_loss + self.config.moe_aux_loss_coeff * aux_loss
+            loss = lm_loss + self.config.moe_aux_weight * aux_loss
             if self.config.moe_z_loss_coeff:
                 loss = loss + self.config.moe_z_loss_coeff * z_loss
         return MoelabCausalLMOutput(

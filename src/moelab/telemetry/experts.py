@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig
+from moelab.moe_clock import a2a_bytes_sent
+from moelab.moe_impls import moe_impl
 
-# Per MoE layer and sampled step: forward all-to-alls (DeepSpeed's 1st, 2nd), gate, whole
-# layer (forward timers), backward all-to-alls (`moelab.ds_moe._TimedAllToAll`).
+# Per MoE layer and sampled step: forward all-to-alls (dispatch, combine), gate, whole layer,
+# backward all-to-alls (`moelab.moe_clock`).
 TIMER_KEYS = ("a2a1", "a2a2", "gate", "moe", "a2a_bwd")
 
 
@@ -79,14 +80,15 @@ class MoeTelemetry:
         device: torch.device,
     ) -> None:
         self.model, self.device, self.timing = model, device, False
-        self.layers = [idx for idx, _ in moe_layers.iter_moe_layers(model)]
+        self.impl = moe_impl(cfg.impl)
+        self.layers = [ffn.layer_idx for ffn in self.impl.moe_ffns(model)]
         self.num_experts = cfg.total_experts
         self.ep_size = ep_size
         self.cap = cfg.capacity(tokens_per_forward)
-        self.drop_tokens = cfg.drop_tokens
+        self.drop_tokens = not cfg.dropless
         self.pos = {idx: i for i, idx in enumerate(self.layers)}
-        moe_layers.install_moe_timers()
-        self.handles = moe_layers.register_router_hooks(model, self._on_logits)
+        self.impl.install_moe_timers()
+        self.handles = self.impl.register_router_hooks(model, self._on_logits)
         self.run_bytes = 0.0  # bytes sent in all-to-alls by the logged windows so far
         self.sample_sent = 0  # `a2a_bytes_sent()` when the current sampled step began
         self.reset()
@@ -100,7 +102,7 @@ class MoeTelemetry:
         self.timed_steps, self.timed_ms = 0, 0.0
         self.ms = [[0.0] * len(TIMER_KEYS) for _ in self.layers]
         self.timed_bytes = 0  # bytes sent to other ranks on the window's sampled steps
-        self.window_sent = moe_layers.a2a_bytes_sent()  # the counter when the window began
+        self.window_sent = a2a_bytes_sent()  # the counter when the window began
 
     def _on_logits(self, idx: int, logits: torch.Tensor) -> None:
         i = self.pos[idx]
@@ -119,9 +121,9 @@ class MoeTelemetry:
     def set_timing(self, on: bool) -> None:
         """Time the coming step's MoE layers (a sampled step) or run them untimed."""
         self.timing = on
-        moe_layers.set_moe_timing(self.model, on)
+        self.impl.set_moe_timing(self.model, on)
         if on:
-            self.sample_sent = moe_layers.a2a_bytes_sent()
+            self.sample_sent = a2a_bytes_sent()
 
     def on_step(self, step_ms: float) -> None:
         """After a sampled step of `step_ms` (device-synchronised wall time): read and reset
@@ -130,18 +132,16 @@ class MoeTelemetry:
             return
         self.timed_steps += 1
         self.timed_ms += step_ms
-        bwd = moe_layers.read_and_reset_backward_a2a_ms()
-        for idx, ms in moe_layers.read_and_reset_moe_timers(self.model).items():
+        for idx, ms in self.impl.read_and_reset_moe_timers(self.model).items():
             row = self.ms[self.pos[idx]]
-            for k, key in enumerate(TIMER_KEYS[:-1]):
-                row[k] += ms[key]
-            row[-1] += bwd.get(idx, 0.0)
-        self.timed_bytes += moe_layers.a2a_bytes_sent() - self.sample_sent
+            for k, key in enumerate(TIMER_KEYS):
+                row[k] += ms.get(key, 0.0)
+        self.timed_bytes += a2a_bytes_sent() - self.sample_sent
 
     def vector(self) -> torch.Tensor:
         """This rank's window as one float64 vector (layout read back by `metrics`)."""
         head = [x for row in self.ms for x in row]
-        window_bytes = moe_layers.a2a_bytes_sent() - self.window_sent
+        window_bytes = a2a_bytes_sent() - self.window_sent
         head += [self.timed_bytes, window_bytes, self.timed_steps, self.timed_ms]
         head += self.ent_n
         parts = [
@@ -222,5 +222,5 @@ class MoeTelemetry:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-        moe_layers.set_moe_timing(self.model, False)
-        moe_layers.uninstall_moe_timers()
+        self.impl.set_moe_timing(self.model, False)
+        self.impl.uninstall_moe_timers()
