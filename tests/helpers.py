@@ -32,6 +32,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def one_rank_env() -> dict[str, str]:
+    """Environment of a one-rank gloo world for a child process (moelab and tests importable)."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{REPO / 'src'}:{REPO}:{REPO / 'tests'}",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def launcher_env(workdir: Path, cache: Path) -> dict[str, str]:
     """Environment for a moelab-launch subprocess working in `workdir`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -57,13 +57,41 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     ),
     "groups._get_expert_parallel_rank": ("_get_expert_parallel_rank", "expert_parallel_rank"),
     "csrc/cpu/comm/shm.cpp": ("shm.cpp", "SHM_BUFFER, unlink_shm_buffer"),
+    "auto_ep_layer._AllToAllV": ("_AllToAllV", "swap_all_to_all(autoep=True), _TimedAllToAllV"),
+    "auto_ep_layer.AutoEPMoELayer.__init__": (
+        "AutoEPMoELayer.__init__",
+        "AUTOEP_ROUTER, AUTOEP_ROUTER_GATE, AUTOEP_EXPERT_PARAMS (tokens_per_expert)",
+    ),
+    "auto_ep_layer.AutoEPMoELayer._forward": (
+        "AutoEPMoELayer._forward",
+        "autoep_routes_per_expert, the a2a1/a2a2 order of autoep._TimedAllToAllV",
+    ),
+    "auto_ep_layer.AutoEPMoELayer._finalize_output": (
+        "AutoEPMoELayer._finalize_output",
+        "AUTOEP_ROUTER_GATE (one gate call per forward)",
+    ),
+    "ep_router.TokenChoiceTopKRouter.forward": (
+        "TokenChoiceTopKRouter.forward",
+        "autoep_routes_per_expert, AUTOEP_ROUTER_GATE",
+    ),
+    "ep_experts.GroupedExperts.__init__": ("GroupedExperts.__init__", "AUTOEP_EXPERT_PARAMS"),
+    "auto_ep_presets.registry._build_custom_preset": (
+        "_build_custom_preset",
+        "the custom preset's defaults dsconfig.expert_parallel_section relies on",
+    ),
+    "auto_ep_presets.base._raise_unsupported_load_balance_coeff": (
+        "_raise_unsupported_load_balance_coeff",
+        "the balance=bias refusal (load_balance_coeff)",
+    ),
 }
 
 
 def _symbols() -> dict[str, Any]:
     """symbol -> the object (or, for C++ sources, the file's text) the fingerprint is of."""
     import deepspeed
-    from deepspeed.moe import layer, sharded_moe
+    from deepspeed.module_inject import auto_ep_layer
+    from deepspeed.module_inject.auto_ep_presets import base, registry
+    from deepspeed.moe import ep_experts, ep_router, layer, sharded_moe
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.utils import groups, timer
 
@@ -91,6 +119,18 @@ def _symbols() -> dict[str, Any]:
         "engine.DeepSpeedEngine._get_expert_ckpt_name": DeepSpeedEngine._get_expert_ckpt_name,
         "groups._get_expert_parallel_rank": groups._get_expert_parallel_rank,
         "csrc/cpu/comm/shm.cpp": shm.read_text() if shm.exists() else None,
+        "auto_ep_layer._AllToAllV": dscompat.original_all_to_all(autoep=True),
+        "auto_ep_layer.AutoEPMoELayer.__init__": auto_ep_layer.AutoEPMoELayer.__init__,
+        "auto_ep_layer.AutoEPMoELayer._forward": auto_ep_layer.AutoEPMoELayer._forward,
+        "auto_ep_layer.AutoEPMoELayer._finalize_output": (
+            auto_ep_layer.AutoEPMoELayer._finalize_output
+        ),
+        "ep_router.TokenChoiceTopKRouter.forward": ep_router.TokenChoiceTopKRouter.forward,
+        "ep_experts.GroupedExperts.__init__": ep_experts.GroupedExperts.__init__,
+        "auto_ep_presets.registry._build_custom_preset": registry._build_custom_preset,
+        "auto_ep_presets.base._raise_unsupported_load_balance_coeff": (
+            base._raise_unsupported_load_balance_coeff
+        ),
     }
 
 
@@ -157,6 +197,18 @@ def test_all_to_all_swap_is_undone() -> None:
     assert sharded_moe._AllToAll is original is dscompat.original_all_to_all()
 
 
+def test_autoep_all_to_all_swap_is_undone() -> None:
+    from deepspeed.module_inject import auto_ep_layer
+
+    from moelab import autoep
+
+    original = auto_ep_layer._AllToAllV
+    autoep.install_moe_timers()
+    assert auto_ep_layer._AllToAllV is autoep._TimedAllToAllV
+    autoep.uninstall_moe_timers()
+    assert auto_ep_layer._AllToAllV is original is dscompat.original_all_to_all(autoep=True)
+
+
 def test_discarding_step_leaves_the_optimizer_as_it_was() -> None:
     import torch
 
@@ -172,6 +224,9 @@ def test_discarding_step_leaves_the_optimizer_as_it_was() -> None:
 PRIVATE_PATTERNS = (
     r"(import|from)\s+deepspeed\.moe",
     r"_AllToAll\b",
+    r"_AllToAllV\b",
+    r"deepspeed\.module_inject",
+    r"_build_custom_preset|_raise_unsupported",
     r"_configure_zero_optimizer",
     r"_get_expert_parallel_rank",
     r"allreduce_buffer",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import REPO, free_port
+from helpers import REPO, one_rank_env
 
 # One gloo rank, for each (stage, trainable) case: build tiny MoE, freeze by `trainable`,
 # deepspeed.initialize with ZeRO `stage`, take three optimizer steps (the warm-up's first two
@@ -56,20 +56,6 @@ CHILD = textwrap.dedent(
     """
 )
 CASES = ("1:dense_only", "2:dense_only", "2:router")
-
-
-def one_rank_env() -> dict[str, str]:
-    """Environment of a one-rank gloo world for a child process."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": f"{REPO / 'src'}:{REPO}",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ router, grouped experts, all-to-all dispatch by variable splits, no capacity), k
 rank's experts only. The FFN then reads what the layer does not return through hooks: the
 router logits (its `gate` Linear's output, still in the graph, for moelab's load-balancing
 loss and z-loss) and the routes per expert (the router's third output), so its forward gives
-the same `MoEOutput` as the classic layer. DeepSpeed internals it relies on are named in
-`moelab.dscompat`.
+the same `MoEOutput` as the classic layer. A model built with the same seed starts from the
+classic model's weights (experts mapped by `fused_rows`). DeepSpeed internals it relies on
+are named in `moelab.dscompat`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from moelab import dscompat
 from moelab.config import MoEConfig
+from moelab.models.layers import SwiGLU
 from moelab.models.moe_dropless import DroplessMoE, FusedExperts, routing_losses
 from moelab.models.moe_torch import MoEOutput
 from moelab.moe_clock import MoEClock, read_ms, rows_to_others, start, stop, timed
@@ -34,6 +36,13 @@ def fused_rows(swiglu_gate_up: torch.Tensor) -> torch.Tensor:
     back: swapping the halves is its own inverse)."""
     up, gate = swiglu_gate_up.chunk(2, dim=-2)
     return torch.cat((gate, up), dim=-2)
+
+
+def _draw_as_classic(d_model: int, hidden: int) -> None:
+    """Take from the global RNG what the classic FFN takes before its router: the template
+    expert that DeepSpeed deep-copies (then redrawn by `reset_experts`). The router, and every
+    weight drawn after it, then start as in a classic model of the same seed."""
+    SwiGLU(d_model, hidden)
 
 
 class AutoEPFFN(nn.Module):
@@ -53,6 +62,7 @@ class AutoEPFFN(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_idx, self.k, self.timing = layer_idx, moe_cfg.active_experts, False
+        _draw_as_classic(d_model, hidden)
         self.block: nn.Module = DroplessMoE(d_model, hidden, moe_cfg.total_experts, self.k)
         self.logit_hooks: dict[int, LogitsHook] = {}
         self._hooked: nn.Module | None = None
@@ -94,9 +104,9 @@ class AutoEPFFN(nn.Module):
         """Hooks on AutoEP's router (once per replaced layer): logits and routes per expert."""
         if self._hooked is self.block:
             return
-        self._hooked = self.block
+        object.__setattr__(self, "_hooked", self.block)  # a reference, not a submodule
         self.gate.register_forward_hook(self._on_logits)
-        router = self.block.get_submodule("router")
+        router = self.block.get_submodule(dscompat.AUTOEP_ROUTER)
         router.register_forward_pre_hook(self._router_starts)
         router.register_forward_hook(self._router_ends)
 
@@ -112,7 +122,7 @@ class AutoEPFFN(nn.Module):
 
     def _router_ends(self, _mod: nn.Module, _args: Any, out: Any) -> None:
         stop(self._seen.pop(0))
-        self._seen.append(out[2])  # routes per expert, (E,) int
+        self._seen.append(dscompat.autoep_routes_per_expert(out))
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         if not self.replaced:  # no DeepSpeed engine around it: the pure-torch forward
@@ -122,14 +132,13 @@ class AutoEPFFN(nn.Module):
         MoEClock.layer = self.layer_idx if self.training else None
         _TimedAllToAllV.calls = 0
         self._seen = []
-        try:
+        try:  # an exception leaves no layer set for the next all-to-alls, no logits kept
             with timed(MoEClock.layer, "moe", x.device):
                 y = self.block(x)
+                logits, counts = self._seen
+                l_aux, z_loss = routing_losses(logits, counts, self.k)
         finally:
-            MoEClock.layer = None
-        logits, counts = self._seen
-        self._seen = []
-        l_aux, z_loss = routing_losses(logits, counts, self.k)
+            MoEClock.layer, self._seen = None, []
         return MoEOutput(y, l_aux, z_loss, counts)
 
 
@@ -160,9 +169,9 @@ _ORIGINAL_A2A = dscompat.original_all_to_all(autoep=True)
 
 
 class _TimedAllToAllV(torch.autograd.Function):
-    """AutoEP's `_AllToAllV` that counts the bytes it sends to other ranks in training passes
-    and times itself: a layer's first forward call is the dispatch (`a2a1`), its second the
-    combine (`a2a2`), the backward calls their reverses (`a2a_bwd`)."""
+    """AutoEP's variable-split all-to-all that counts the bytes it sends to other ranks in
+    training passes and times itself: a layer's first forward call is the dispatch (`a2a1`),
+    its second the combine (`a2a2`), the backward calls their reverses (`a2a_bwd`)."""
 
     calls = 0  # forward all-to-alls of the running MoE forward
 
@@ -175,7 +184,8 @@ class _TimedAllToAllV(torch.autograd.Function):
             return _ORIGINAL_A2A.forward(ctx, group, x, splits_in, splits_out)
         phase = "a2a1" if _TimedAllToAllV.calls == 0 else "a2a2"
         _TimedAllToAllV.calls += 1
-        MoEClock.sent += rows_to_others(group, splits_in, x)
+        if x.shape[0]:  # x has sum(splits_in) rows: none (a rank no route reached), no bytes
+            MoEClock.sent += rows_to_others(group, splits_in, x)
         with timed(layer, phase, x.device):
             out: torch.Tensor = _ORIGINAL_A2A.forward(ctx, group, x, splits_in, splits_out)
         return out
@@ -184,7 +194,8 @@ class _TimedAllToAllV(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         if ctx.layer is None:
             return _ORIGINAL_A2A.backward(ctx, grad)
-        MoEClock.sent += rows_to_others(ctx.group, ctx.output_splits, grad)
+        if grad.shape[0]:
+            MoEClock.sent += rows_to_others(ctx.group, ctx.output_splits, grad)
         with timed(ctx.layer, "a2a_bwd", grad.device):
             return _ORIGINAL_A2A.backward(ctx, grad)
 

@@ -16,10 +16,15 @@ upgrade fails there, naming what to re-check. What is touched, and why:
   MoE telemetry runs (`swap_all_to_all`, undone by `restore_all_to_all`): the backward
   all-to-alls are invisible to DeepSpeed's forward timers. AutoEP's `auto_ep_layer._AllToAllV`
   (variable splits, looked up the same way) likewise (`swap_all_to_all(..., autoep=True)`).
-- AutoEP's replaced layer: its `router` (a `TokenChoiceTopKRouter` whose `gate` Linear gives
-  the logits and whose output's third item is the routes per expert) and `experts`
-  (`GroupedExperts`, parameters `w1` gate, `w3` up (E, H, D), `w2` (E, D, H)), and the
-  `_is_autoep_layer` marker (`autoep_layers`, `AUTOEP_ROUTER_GATE`, `AUTOEP_EXPERT_PARAMS`).
+- AutoEP's replaced layer (`AutoEPMoELayer.__init__`, `_forward`, `_finalize_output`): its
+  `router` (a `TokenChoiceTopKRouter` that calls its `gate` Linear once per forward, giving
+  the logits, and returns the routes per expert third) and `experts` (`GroupedExperts`,
+  parameters `w1` gate, `w3` up (E, H, D), `w2` (E, D, H)), each forward's two
+  `_AllToAllV` calls (dispatch, then combine), and the `_is_autoep_layer` marker
+  (`is_autoep_layer`, `AUTOEP_ROUTER`, `AUTOEP_ROUTER_GATE`, `autoep_routes_per_expert`,
+  `AUTOEP_EXPERT_PARAMS`). moelab's block is a custom preset (`_build_custom_preset`: its
+  defaults fill what `dsconfig.expert_parallel_section` leaves out); `balance=bias` is refused
+  because the preset refuses `load_balance_coeff` (`_raise_unsupported_load_balance_coeff`).
 - The MoE layers' own timers (`MOELayer.timers`, `TopKGate.timers`, their timer names, the
   `wall_clock_breakdown` flags that turn them on per layer; `moe_timer_ms` reads them).
 - `DeepSpeedEngine._configure_zero_optimizer` is wrapped while an engine whose experts are
@@ -220,10 +225,20 @@ def restore_all_to_all(autoep: bool = False) -> None:
     setattr(module, name, original_all_to_all(autoep))
 
 
+AUTOEP_ROUTER = "router"
+"""Submodule of an AutoEP layer: its `TokenChoiceTopKRouter`, built with the source block's
+`gate` weights (the ds_config's `router_pattern`)."""
 AUTOEP_ROUTER_GATE = "router.gate"
-"""Submodule of an AutoEP layer: the router's Linear (its output: the logits, (S, E))."""
+"""Submodule of an AutoEP layer: the router's Linear, called once per forward on the tokens
+(S, D) (its output: the logits, (S, E), in the graph)."""
 AUTOEP_EXPERT_PARAMS = ("w1", "w3", "w2")
 """AutoEP's `GroupedExperts` parameters: gate (E, H, D), up (E, H, D), down (E, D, H)."""
+
+
+def autoep_routes_per_expert(router_out: tuple[Any, ...]) -> Any:
+    """The routes per expert (E,) int32 of a `TokenChoiceTopKRouter` forward's output
+    (top_scores, selected_experts, num_tokens_per_expert)."""
+    return router_out[2]
 
 
 def is_autoep_layer(module: Any) -> bool:

@@ -23,6 +23,14 @@ from torch import nn
 from .moe_torch import MoEOutput, router_z_loss
 
 
+def routes_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of the routes `expert` (any shape, expert ids) go to each expert: (E,) int32,
+    computed on the device without a host sync (unlike `torch.bincount`)."""
+    flat = expert.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
 def load_balancing_loss(logits: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
     """deepspeed.moe's l_aux for top-k routing, from the router logits (S, E) and the routes
     per expert (E,) of the same tokens."""
@@ -30,7 +38,7 @@ def load_balancing_loss(logits: torch.Tensor, counts: torch.Tensor, k: int) -> t
     num_tokens, num_experts = probs.shape
     me = probs.mean(dim=0)  # (E,) mean router probability
     if k <= 2:  # top1gating / top2gating: the fraction of tokens whose first choice is e
-        first = torch.bincount(probs.argmax(dim=-1), minlength=num_experts)
+        first = routes_per_expert(probs.argmax(dim=-1), num_experts)
         return torch.sum(me * first.float() / num_tokens) * num_experts
     ce = counts.float() / num_tokens
     return torch.mean(me * ce) * num_experts * num_experts / k
@@ -81,7 +89,7 @@ class DroplessMoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])  # (S, D)
         logits = self.gate(tokens).float()  # (S, E), in x's dtype then fp32, as AutoEP
         weight, expert = top_k_routes(logits, self.k)  # (S, k) each
-        counts = torch.bincount(expert.flatten(), minlength=logits.shape[-1])
+        counts = routes_per_expert(expert, logits.shape[-1])
         out = torch.zeros_like(tokens, dtype=torch.float32)
         for e in range(logits.shape[-1]):
             token, slot = torch.nonzero(expert == e, as_tuple=True)
