@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moelab.checkpoint import check_layout, read_meta, rng_state, set_rng_state
 
@@ -23,7 +24,51 @@ def test_layout_mismatch_is_one_sentence(tmp_path: Path) -> None:
     check_layout(meta, 2, 2)
     with pytest.raises(ValueError, match=r"world size 2 and ep_size 2, not 4 and 2; resume"):
         check_layout(meta, 4, 2)
+    with pytest.raises(ValueError, match=r"not 2 and 1 \(ep_size may change with model.moe.imp"):
+        check_layout(meta, 2, 1)
+    check_layout(meta, 2, 1, ep_changes=True)
+    with pytest.raises(ValueError, match=r"not 4 and 1; resume"):  # the world size never
+        check_layout(meta, 4, 1, ep_changes=True)
     assert read_meta(tmp_path / "nothing") is None
+
+
+def run_dir_of(root: Path, *overrides: str) -> Path:
+    """A run dir as the launcher renders it (config.yaml, ds_config.json), no checkpoint."""
+    from launcher.compose import compose_config, to_schema
+    from moelab.config import to_container
+    from moelab.dsconfig import build_ds_config
+
+    cfg = to_schema(compose_config(["model=tiny_moe_top2", "parallel=ep2", *overrides]))
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(to_container(cfg)))
+    (root / "ds_config.json").write_text(json.dumps(build_ds_config(cfg)))
+    return root
+
+
+def test_resume_may_change_ep_size_of_autoep_below_zero3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AutoEP at ZeRO-2 saves experts one file each: its resume may take another ep_size
+    (config and ds_config's autoep_size follow); classic and ZeRO-3 runs refuse, unchanged."""
+    from launcher.resume import resume_config
+    from moelab.checkpoint import ep_may_change
+
+    auto = run_dir_of(tmp_path / "autoep", "model.moe.impl=autoep", "zero=stage2")
+    cfg = resume_config(auto, ["parallel.ep_size=1", "train.stop_after=3"])
+    assert ep_may_change(cfg) and cfg.parallel.ep_size == 1 and cfg.train.stop_after == 3
+    ds = json.loads((auto / "ds_config.json").read_text())
+    assert ds["expert_parallel"]["autoep_size"] == 1
+    for name, overrides in {
+        "classic": ("zero=stage2",),
+        "zero3": ("model.moe.impl=autoep", "zero=stage3"),
+    }.items():
+        run = run_dir_of(tmp_path / name, *overrides)
+        before = {f: (run / f).read_text() for f in ("config.yaml", "ds_config.json")}
+        with pytest.raises(SystemExit):
+            resume_config(run, ["parallel.ep_size=1"])
+        assert "parallel.ep_size cannot change on resume of this run" in capsys.readouterr().err
+        assert before == {f: (run / f).read_text() for f in before}
+        assert resume_config(run, ["parallel.ep_size=2"]).parallel.ep_size == 2  # unchanged
 
 
 def test_rng_state_restores_the_accelerators_draws() -> None:

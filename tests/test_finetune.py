@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from trained_autoep import AutoEPRuns, autoep_runs  # noqa: F401
 
 from helpers import REPO, run_launcher
 from launcher.compose import compose_config, to_schema
@@ -100,8 +101,30 @@ def test_freeze_counts_and_requires_grad() -> None:
     assert summary.tags()["finetune.trainable"] == "dense_only"
 
 
-def model_states(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of the run's last checkpoint: non-expert and expert files."""
+def test_freeze_autoep_fused_experts_whole() -> None:
+    """AutoEP's block before deepspeed.initialize holds every expert in fused tensors: they
+    freeze or train whole, counted once; a choice of some experts is refused."""
+    cfg = to_schema(compose_config(["model=tiny_moe_top2", "model.moe.impl=autoep"])).model
+    model = build_model(cfg, ep_size=2, ep_rank=1)
+    total = sum(p.numel() for p in model.parameters())
+    router = cfg.n_layers * cfg.d_model * cfg.moe.num_experts
+    summary = freeze(model, parse_trainable("router"), ep_size=2)
+    assert summary.trainable == router and summary.frozen == total - router
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(names) == cfg.n_layers and all(n.endswith(".block.gate.weight") for n in names)
+    summary = freeze(model, parse_trainable("router+experts:0,1,2,3"), ep_size=2)
+    expert = 3 * cfg.d_model * cfg.expert_hidden
+    assert summary.trainable == router + 4 * cfg.n_layers * expert
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
+    with pytest.raises(ValueError, match=r"router\+experts:0,2 trains some experts of a layer"):
+        freeze(model, parse_trainable("router+experts:0,2"), ep_size=2)
+    summary = freeze(model, parse_trainable("dense_only"), ep_size=2)
+    assert summary.frozen == router + 4 * cfg.n_layers * expert
+
+
+def model_states(run_dir: Path, by_file: bool = False) -> dict[str, torch.Tensor]:
+    """Every model tensor of the run's last checkpoint: non-expert and expert files (keyed
+    `file/key` with `by_file`: AutoEP's expert files name their tensors alike)."""
     ckpts = run_dir / "checkpoints"
     tag = ckpts / (ckpts / "latest").read_text().strip()
     out: dict[str, torch.Tensor] = {}
@@ -109,7 +132,7 @@ def model_states(run_dir: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(f, map_location="cpu", weights_only=False)
         for k, v in (sd.get("module") or sd).items():
             if isinstance(v, torch.Tensor):
-                out[k] = v
+                out[f"{f.name}/{k}" if by_file else k] = v
     return out
 
 
@@ -164,3 +187,38 @@ def test_fine_tune_run_records_what_trained(finetuned: dict[str, object]) -> Non
     assert int(tags["finetune.frozen_params"]) + 4 * 128 * 4 == int(tags["params_total"])
     assert params["train.trainable"] == "router"
     assert params["train.init_from"] == str(finetuned["dir"])
+
+
+@pytest.fixture(scope="module")
+def autoep_finetuned(
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_cache: Path,
+    autoep_runs: AutoEPRuns,  # noqa: F811
+) -> dict[str, object]:
+    """A router-only ep_size 1 ZeRO-2 fine-tune of an AutoEP run trained at ep_size 2: the
+    experts, frozen before deepspeed.initialize, must stay as loaded."""
+    work = tmp_path_factory.mktemp("finetune-autoep")
+    source = autoep_runs.reference.run_dir
+    proc = run_launcher(
+        work, shared_cache, *RUN, "model.moe.impl=autoep", "parallel=ep1", "zero=stage2",
+        f"train.init_from={source}", "train.trainable=router",
+    )  # fmt: skip
+    ok(proc)
+    (tuned,) = (work / "runs" / "moelab").iterdir()
+    return {"source": model_states(source, True), "tuned": model_states(tuned, True)}
+
+
+@pytest.mark.slow
+def test_autoep_router_only_fine_tune_keeps_the_experts(
+    autoep_finetuned: dict[str, object],
+) -> None:
+    """The expert files (one per global expert, at ep_size 2 and at 1) hold the same tensors
+    after training; the routers changed; nothing else did."""
+    src, tuned = autoep_finetuned["source"], autoep_finetuned["tuned"]
+    assert isinstance(src, dict) and isinstance(tuned, dict)
+    assert src.keys() == tuned.keys(), sorted(src.keys() ^ tuned.keys())[:6]
+    experts = {k for k in src if "_expert_" in k.split("/")[0]}
+    assert len(experts) >= 4 * 4, sorted(src)  # layers x experts files, w1/w2/w3 each
+    changed = {k for k in src if not torch.equal(src[k], tuned[k])}
+    routers = {k for k in src if k.endswith(".router.gate.weight")}
+    assert changed == routers and len(routers) == 4, sorted(changed)

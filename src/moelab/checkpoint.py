@@ -4,7 +4,8 @@ Layout under `<run dir>/checkpoints/` (DeepSpeed's `save_checkpoint` writes the 
 
     global_step<N>/   model, expert, optimizer and scheduler shards + our client_state
     latest            the newest *complete* tag (written by us after all ranks finished)
-    meta.json         step, tag, world_size, ep_size: read by the launcher without torch
+    meta.json         step, tag, world_size, ep_size, moe_impl: read by the launcher
+                      without torch
 
 The module imports torch lazily so the launcher can use `read_meta`/`check_layout`.
 """
@@ -36,13 +37,26 @@ def read_meta(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_layout(meta: dict[str, Any], world_size: int, ep_size: int) -> None:
-    """Raise ValueError if a checkpoint cannot be loaded with this world size and ep_size."""
-    if (meta["world_size"], meta["ep_size"]) != (world_size, ep_size):
+def ep_may_change(cfg: MoelabConfig) -> bool:
+    """Whether this run's checkpoints load at another ep_size: AutoEP below ZeRO-3 writes one
+    file per expert (loaded by global id). Its ZeRO optimizer state loads at the other
+    ep_size without an error but gives other updates than an uninterrupted run, so a resume
+    at another ep_size restarts the optimizer (`Checkpointer.load`)."""
+    return cfg.model.is_moe and cfg.model.moe.impl == "autoep" and cfg.zero.stage < 3
+
+
+def check_layout(
+    meta: dict[str, Any], world_size: int, ep_size: int, ep_changes: bool = False
+) -> None:
+    """Raise ValueError if a checkpoint cannot be loaded with this world size and ep_size
+    (`ep_changes`: the run's checkpoints load at another ep_size, see `ep_may_change`)."""
+    if meta["world_size"] != world_size or (meta["ep_size"] != ep_size and not ep_changes):
+        only_ep = meta["world_size"] == world_size
+        hint = " (ep_size may change with model.moe.impl=autoep below ZeRO-3 only)"
         raise ValueError(
             f"the checkpoint at step {meta['step']} was written with world size "
             f"{meta['world_size']} and ep_size {meta['ep_size']}, not {world_size} and "
-            f"{ep_size}; resume with the same layout or start a new run."
+            f"{ep_size}{hint if only_ep else ''}; resume with the same layout or start a new run."
         )
 
 
@@ -221,6 +235,7 @@ class Checkpointer:
     def _commit(self, tag: str, step: int) -> None:
         _write_atomic(self.dir / "latest", tag)
         meta = {"step": step, "tag": tag, "world_size": self.world_size, "ep_size": self.ep_size}
+        meta["moe_impl"] = self.cfg.model.moe.impl if self.cfg.model.is_moe else None
         _write_atomic(RunDir(self.cfg.run_dir).checkpoint_meta, json.dumps(meta) + "\n")
         tags = sorted(
             (p for p in self.dir.glob("global_step*") if p.is_dir()),
@@ -230,17 +245,24 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, ds_engine: Any) -> dict[str, Any] | None:
-        """Restore engine, RNG; the client_state (step, tokens, data) and the checkpoint's
-        "tag", None if there is none to load."""
+        """Restore engine, RNG; the client_state (step, tokens, data), the checkpoint's "tag"
+        and, when the optimizer restarted, "optimizer" (e.g. `restarted (ep_size 2 -> 1)`);
+        None if there is no checkpoint to load."""
         meta = read_meta(self.cfg.run_dir)
         if self.cfg.train.resume == "never" or meta is None:
             # The training RNG stream starts at train.seed whatever set-up consumed (e.g. a
             # first-time FLOP/s probe), so a run and its restarts draw the same numbers.
             seed_all(self.cfg.train.seed)
             return None
-        check_layout(meta, self.world_size, self.ep_size)
-        path, state = ds_engine.load_checkpoint(str(self.dir), tag=meta["tag"])
+        check_layout(meta, self.world_size, self.ep_size, ep_may_change(self.cfg))
+        restart = meta["ep_size"] != self.ep_size  # see ep_may_change
+        path, state = ds_engine.load_checkpoint(
+            str(self.dir), tag=meta["tag"], load_optimizer_states=not restart
+        )
         if path is None:
             raise RuntimeError(f"could not load checkpoint {meta['tag']} from {self.dir}.")
         set_rng_state(state["rng"][self.rank])
-        return dict(state) | {"tag": meta["tag"]}
+        out = dict(state) | {"tag": meta["tag"]}
+        if restart:
+            out["optimizer"] = f"restarted (ep_size {meta['ep_size']} -> {self.ep_size})"
+        return out

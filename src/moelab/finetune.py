@@ -5,8 +5,9 @@ DeepSpeed loads the module only (non-expert file and every expert shard, by glob
 id) and refreshes ZeRO's fp32 copies. `train.trainable` picks what trains:
 
     all                     everything (plain continued training)
-    router                  the MoE routers (`gate.wg`) only
-    router+experts:<ids>    the routers and experts <ids> (global ids, e.g. 0,3) of every layer
+    router                  the MoE routers (`gate`: classic `gate.wg`, AutoEP's Linear) only
+    router+experts:<ids>    the routers and experts <ids> (global ids, e.g. 0,3) of every
+                            layer (classic only: AutoEP's fused experts train or freeze whole)
     dense_only              everything but the routers and the experts
 
 Frozen parameters get `requires_grad=False` before `deepspeed.initialize`, which leaves
@@ -144,27 +145,58 @@ class FreezeSummary:
 
 
 def freeze(model: nn.Module, spec: Trainable, ep_size: int = 1) -> FreezeSummary:
-    """Set requires_grad by `spec`; counts are global (experts of the other EP ranks too)."""
-    from moelab.ds_moe import moe_ffns
+    """Set requires_grad by `spec`, whichever MoE implementation (before deepspeed.initialize:
+    AutoEP copies the flags to the layer it puts in place); counts are global (experts of the
+    other EP ranks too)."""
+    from moelab.moe_impls import all_moe_ffns
 
     model.requires_grad_(spec.dense)
-    ffns = list(moe_ffns(model))
+    ffns = list(all_moe_ffns(model))
     for ffn in ffns:
-        ffn.gate.wg.requires_grad_(spec.router)
-        for local, expert in enumerate(ffn.local_experts):
-            expert.requires_grad_(spec.expert(ffn.global_expert_id(local)))
-    expert_params = {id(p) for ffn in ffns for p in ffn.local_experts.parameters()}
+        ffn.gate.requires_grad_(spec.router)
+        _freeze_experts(ffn, spec)
+    expert_params = {id(p) for ffn in ffns for p in ffn.expert_params()}
     counts = {True: 0, False: 0}
     for p in model.parameters():  # tied weights are listed once
         if id(p) not in expert_params:
             counts[p.requires_grad] += p.numel()
-    for ffn in ffns:  # this rank holds 1/ep_size of each layer's experts
-        per_expert = sum(p.numel() for p in ffn.local_experts[0].parameters())
-        n_experts = ffn.layer.num_local_experts * ep_size
+    for ffn in ffns:
+        n_experts = layer_experts(ffn)
+        per_expert = sum(p.numel() for p in ffn.expert_params()) // _local_experts(ffn)
         n_train = sum(spec.expert(e) for e in range(n_experts))
         counts[True] += n_train * per_expert
         counts[False] += (n_experts - n_train) * per_expert
     return FreezeSummary(spec.spec, counts[True], counts[False])
+
+
+def layer_experts(ffn: Any) -> int:
+    """Experts of one MoE layer over all EP ranks: the rows of its router's weight (D -> E)."""
+    return int(next(ffn.gate.parameters()).shape[0])
+
+
+def _local_experts(ffn: Any) -> int:
+    """Experts this rank's build of the layer holds: one module each (classic) or one slice
+    of the fused tensors (AutoEP's block, all experts until deepspeed.initialize)."""
+    modules = getattr(ffn, "local_experts", None)
+    return len(modules) if modules is not None else int(ffn.expert_params()[0].shape[0])
+
+
+def _freeze_experts(ffn: Any, spec: Trainable) -> None:
+    """Per expert on the classic layer; AutoEP's fused tensors train or freeze whole."""
+    if hasattr(ffn, "local_experts"):
+        for local, expert in enumerate(ffn.local_experts):
+            expert.requires_grad_(spec.expert(ffn.global_expert_id(local)))
+        return
+    chosen = {spec.expert(e) for e in range(layer_experts(ffn))}
+    if len(chosen) > 1:
+        raise ValueError(
+            f"train.trainable={spec.spec} trains some experts of a layer, but "
+            "model.moe.impl=autoep fuses a layer's experts into tensors that train or freeze "
+            "whole; name every expert or none (router, dense_only), or use impl=classic."
+        )
+    (trains,) = chosen
+    for p in ffn.expert_params():
+        p.requires_grad_(trains)
 
 
 def load_init(ds_engine: Any, init_from: str | None) -> None:

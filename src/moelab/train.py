@@ -27,6 +27,7 @@ from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
 
 RESUMED_TAG = "moelab.resumed_from_step"
+OPTIMIZER_TAG = "moelab.resume_optimizer"
 
 
 def forward_backward(
@@ -108,10 +109,12 @@ def run(cfg: MoelabConfig) -> None:
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
     tuning = finetune.freeze(model, finetune.parse_trainable(t.trainable), info.ep_size)
     run_dir = RunDir(cfg.run_dir)
+    # Counted before deepspeed.initialize: ZeRO-3 then partitions the parameters (numel 0).
+    params = count_model_params(model, cfg.model, info.ep_size)
     ds_engine = engine.initialize(model, json.loads(run_dir.ds_config.read_text()))
     engine.expert_ranks_check(info)
     sink = make_sink(info.is_rank0, run_dir.root)
-    log_run_inputs(sink, cfg, run_dir, count_model_params(model, cfg.model, info.ep_size))
+    log_run_inputs(sink, cfg, run_dir, params)
     sink.set_tags(tuning.tags() | engine.run_tags(ds_engine))
     tel = Telemetry(cfg, info, ds_engine.module, sink)
     ckpt = Checkpointer(cfg, info.world_size, info.ep_size, info.rank)
@@ -120,19 +123,25 @@ def run(cfg: MoelabConfig) -> None:
         state = {"step": 0, "data": {"epoch": 0, "consumed": 0}}
         finetune.load_init(ds_engine, t.init_from)
     else:
-        note_resume(sink, info.is_rank0, state["tag"], state["step"])
+        note_resume(sink, info.is_rank0, state)
     with hang.watch(cfg, info.rank, info.world_size, sink, state["step"]) as dog:
         loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state, dog)
     tel.close()
     sink.close()
 
 
-def note_resume(sink: Sink, is_rank0: bool, tag: str, step: int) -> None:
-    """A resume, told apart from a restart: the MLflow tag and a train.log line (rank 0)."""
-    sink.set_tags({RESUMED_TAG: str(step)})
-    if is_rank0:
+def note_resume(sink: Sink, is_rank0: bool, state: dict[str, Any]) -> None:
+    """A resume, told apart from a restart: the MLflow tags and train.log lines (rank 0),
+    also when the optimizer restarted (another ep_size)."""
+    tag, step, optimizer = state["tag"], state["step"], state.get("optimizer")
+    sink.set_tags({RESUMED_TAG: str(step)} | ({OPTIMIZER_TAG: optimizer} if optimizer else {}))
+    if not is_rank0:
+        return
+    print(f"moelab: resumed from checkpoint {tag} at step {step}; next step {step + 1}", flush=True)
+    if optimizer:
         print(
-            f"moelab: resumed from checkpoint {tag} at step {step}; next step {step + 1}",
+            f"moelab: optimizer {optimizer}: the weights, schedule and step carry over; the "
+            "moments saved at another ep_size would not give the same updates, so they start anew",
             flush=True,
         )
 
