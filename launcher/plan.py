@@ -1,6 +1,7 @@
 """moelab-plan: parameters, FLOPs, memory per device, EP layout and serving of a config.
 
-The arithmetic lives in moelab.memory and moelab.flops; this module presents it.
+The arithmetic lives in moelab.memory and moelab.flops; this module presents it, next to
+DeepSpeed's own ZeRO estimator.
 
 moelab-plan model=seed_600m_moe
 moelab-plan model=seed_600m_moe plan.format=json
@@ -20,7 +21,7 @@ from hydra.errors import HydraException
 from launcher.compose import compose_config, to_schema
 from launcher.errors import ConfigError
 from launcher.validate import validate
-from moelab.config import MoelabConfig
+from moelab.config import ModelConfig, MoelabConfig
 from moelab.devices import DEVICES
 from moelab.flops import flops_per_token
 from moelab.memory import (
@@ -28,13 +29,56 @@ from moelab.memory import (
     Sizes,
     TrainSetup,
     all_to_all_bytes,
-    deepspeed_differences,
-    deepspeed_estimate,
     estimate_memory,
     fixes_that_fit,
     inference_view,
 )
 from moelab.shapes import ep_rank, experts_of_rank
+
+
+def deepspeed_estimate(sizes: Sizes, s: TrainSetup, gpus_per_node: int, largest_layer: int) -> Any:
+    """DeepSpeed's own ZeRO model-state estimate (GPU bytes) for this cluster, or None."""
+    if s.stage == 0:
+        return None
+    offload = s.offload_optimizer != "none"
+    nodes = max(1, s.world // gpus_per_node)
+    if s.stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(
+            sizes.total, gpus_per_node, nodes, cpu_offload=offload
+        )
+        return gpu
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        sizes.total,
+        largest_layer,
+        gpus_per_node,
+        nodes,
+        cpu_offload=offload,
+        cpu_offload_params=False,
+    )
+    return gpu
+
+
+def deepspeed_differences(m: ModelConfig, s: TrainSetup) -> list[str]:
+    """Why moelab's model-state figure differs from DeepSpeed's estimator."""
+    notes = ["DeepSpeed's figure covers model states only (no activations, no bucket buffers)."]
+    if s.precision == "fp32":
+        notes.append(
+            "DeepSpeed assumes 16-bit weights and gradients; this run trains in fp32 "
+            "(4-byte weights and gradients)."
+        )
+    if s.stage == 1:
+        notes.append("DeepSpeed's estimator is ZeRO-2's: ZeRO-1 keeps whole gradients per rank.")
+    if m.is_moe:
+        notes.append(
+            f"DeepSpeed counts every expert on every rank and shards over all {s.world} ranks; "
+            f"with ep_size={s.ep_size} a rank holds 1/{s.ep_size} of the experts, and ZeRO "
+            f"partitions their states over the {s.expert_dp}-rank expert-data-parallel group."
+        )
+    return notes
 
 
 def ep_layout(cfg: MoelabConfig) -> dict[str, Any]:
@@ -112,6 +156,7 @@ def build_plan(cfg: MoelabConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "ffn": cfg.model.ffn,
+        "moe_impl": cfg.model.moe.impl if cfg.model.is_moe else None,
         "params_total": params.total,
         "params_active": params.active,
         "params": params.as_dict(),
@@ -150,8 +195,9 @@ def _groups(groups: list[list[int]]) -> str:
 
 def format_params(plan: dict[str, Any]) -> list[str]:
     p = plan["params"]
+    impl = f", moe.impl={plan['moe_impl']}" if plan["moe_impl"] else ""
     lines = [
-        f"model {plan['model']} (ffn={plan['ffn']})",
+        f"model {plan['model']} (ffn={plan['ffn']}{impl})",
         f"  parameters  total {plan['params_total']:>16,}   active/token "
         f"{plan['params_active']:>16,}",
     ]

@@ -1,4 +1,5 @@
-"""moelab-export: pure-torch MoE == DeepSpeed's MoE in eval; a real ep2 checkpoint round trip."""
+"""moelab-export: pure-torch MoE == DeepSpeed's MoE in eval; real ep2 checkpoint round trips of
+the classic layer and of AutoEP (`model.moe.impl=autoep`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from trained_autoep import autoep_runs, trained_autoep  # noqa: F401
 
 from launcher.export_cmd import main as export_main
 from moelab.checkpoint import read_meta
@@ -109,15 +112,22 @@ def test_export_refuses_a_directory_without_a_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_round_trip_from_ep2_checkpoint(trained_moe: TrainedMoE, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("impl", ["classic", "autoep"])
+def test_export_round_trip_from_ep2_checkpoint(impl: str, request: Any, tmp_path: Path) -> None:
     """The exported folder, loaded in a clean process, gives the run's own logged `eval/loss`
-    on the run's eval batches: every expert of both EP ranks is where training had it."""
-    out, run_dir = trained_moe.hf_dir, trained_moe.run_dir
+    on the run's eval batches: every expert of both EP ranks is where training had it (for
+    AutoEP: its w1/w3/w2 slices back in the fused gate_up_proj/down_proj layout)."""
+    run: TrainedMoE = request.getfixturevalue(
+        "trained_moe" if impl == "classic" else "trained_autoep"
+    )
+    out, run_dir = run.hf_dir, run.run_dir
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.MoelabForCausalLM"
     assert config["moe_runtime"] == "torch" and config["ep_size"] == 1
+    assert config["moe_impl"] == impl
     for name in ("model.safetensors", "tokenizer.json", "modeling.py", "moe_torch.py"):
         assert (out / name).exists(), name
+    assert (out / "moe_dropless.py").exists()  # imported relatively by blocks.py: copied
     info = json.loads((out / "moelab_export.json").read_text())
     meta = read_meta(run_dir)
     assert meta is not None and meta["ep_size"] == 2

@@ -103,6 +103,42 @@ def test_seed_moe_memory_shards_experts_over_expert_data_parallel(
     assert mem["activations"] == pytest.approx(8 * 128 * per_token * 2)
 
 
+def test_autoep_plan_routed_rows_and_zero3() -> None:
+    """impl=autoep: k expert rows a token (no capacity padding) plus 8 alignment rows per
+    local expert and layer, the all-to-all of the routed rows, and ZeRO-3 partitions the
+    experts over the expert-data-parallel group and the rest over all ranks."""
+    common = ("model=seed_600m_moe", "train.precision=bf16", "cluster.nproc_per_node=8")
+    plan = plan_of(*common, "model.moe.impl=autoep", "zero=stage3", "parallel=ep2")
+    mem, a2a = plan["memory_per_device"], plan["all_to_all_bytes"]
+    nonexpert, experts = 520_261_632 - 452_984_832, 452_984_832
+    assert mem["params_nonexpert"] == 2 * nonexpert / 8
+    assert mem["params_expert_shard"] == 2 * experts / 2 / 4
+    per_token = 6 * (7 * 1024 + 2 * 1024 / 4 + 2 * 1024 + 2 * (2 * 1024 + 4 * 4096))
+    per_token += 50304 * (2 + 12) / 2
+    align = 6 * 3 * 8 * (1024 + 4 * 4096)  # 6 layers x 3 local experts x 8 rows
+    assert mem["activations"] == pytest.approx((8 * 128 * per_token + align) * 2)
+    routed = 8 * 128 * 2 * 1024 * 2  # tokens x k rows of d_model, bf16
+    assert a2a["per_layer_per_micro_step"] == 4 * routed / 2
+    classic = plan_of(*common, "zero=stage2", "parallel=ep2")
+    assert classic["all_to_all_bytes"]["per_layer_per_micro_step"] > 1.2 * 4 * routed / 2
+    # 3.46 GiB at ZeRO-2, 2.43 GiB at ZeRO-3: the classic layer's knobs stop at ZeRO-2
+    tight = ("model.moe.impl=autoep", "zero=stage2", "cluster.device_memory_gb=3")
+    assert plan_of(*common, *tight)["fixes"][0]["fix"] == "zero=stage3"
+
+
+@pytest.mark.parametrize("impl", ["classic", "autoep"])
+def test_all_to_all_counts_granularity(impl: str) -> None:
+    """Granularity 2 routes each token to 2k half-size experts: twice the rows to send."""
+    base = ("model=seed_600m_moe", "parallel=ep2", "cluster.nproc_per_node=8")
+    bytes_at = [
+        plan_of(*base, f"model.moe.impl={impl}", f"model.moe.granularity={g}")["all_to_all_bytes"][
+            "per_layer_per_micro_step"
+        ]
+        for g in (1, 2)
+    ]
+    assert bytes_at[1] == pytest.approx(2 * bytes_at[0], rel=1e-3)
+
+
 def test_dense_model_states_equal_deepspeed_estimator(
     seed_plans: dict[str, dict[str, Any]],
 ) -> None:
@@ -284,12 +320,19 @@ def assert_planned_within_tolerance(measured: int, cfg: Any, who: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_memory_estimate_within_25_percent_of_a_real_run(tmp_path: Path, precision: str) -> None:
+@pytest.mark.parametrize(
+    ("precision", "impl"), [("fp32", "classic"), ("bf16", "classic"), ("fp32", "autoep")]
+)
+def test_memory_estimate_within_25_percent_of_a_real_run(
+    tmp_path: Path, precision: str, impl: str
+) -> None:
     """1 rank, ZeRO-0. bf16: 2-byte weights, gradients and activations, 16 bytes of optimizer
-    state a parameter (DeepSpeed's BF16_Optimizer: fp32 master, Adam m and v, fp32 gradient)."""
-    measured, cfg = run_probe(tmp_path / "run", f"train.precision={precision}")
-    assert_planned_within_tolerance(measured, cfg, precision)
+    state a parameter (DeepSpeed's BF16_Optimizer: fp32 master, Adam m and v, fp32 gradient).
+    autoep: no capacity padding, k expert rows a token (capacity_factor 1.25 would plan 25 %
+    more MoE activations)."""
+    extra = (f"train.precision={precision}", f"model.moe.impl={impl}")
+    measured, cfg = run_probe(tmp_path / "run", *extra)
+    assert_planned_within_tolerance(measured, cfg, f"{precision} {impl}")
 
 
 # ZeRO-2 allocates its two reduce buckets whole (a GPU holds all of them), but RSS counts
@@ -306,15 +349,16 @@ ZERO2_EP2 = (
 
 
 @pytest.mark.slow
-def test_memory_estimate_per_rank_with_zero2_and_ep2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["classic", "autoep"])
+def test_memory_estimate_per_rank_with_zero2_and_ep2(tmp_path: Path, impl: str) -> None:
     """2 gloo ranks, ZeRO-2, ep_size 2, 8 experts a layer: a rank holds 4 experts of each
     layer with their whole states (expert-data-parallel group of 1; 80 % of the rank's
     parameters) and half the ZeRO partition of the rest. Each rank's peak is within 25 % of
     the planner's per-device figure (counting all 8 experts would add over 50 %)."""
-    peaks, cfg = run_probe_ranks(tmp_path / "run", *ZERO2_EP2)
+    peaks, cfg = run_probe_ranks(tmp_path / "run", *ZERO2_EP2, f"model.moe.impl={impl}")
     assert len(peaks) == 2, peaks
     for rank, peak in enumerate(peaks):
-        assert_planned_within_tolerance(peak, cfg, f"rank {rank}")
+        assert_planned_within_tolerance(peak, cfg, f"{impl} rank {rank}")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Routing analysis of a real ep2-trained MoE checkpoint on held-out plays."""
+"""Routing analysis of real ep2-trained MoE checkpoints (classic and AutoEP) on held-out plays."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+import torch
+from trained_autoep import autoep_runs, trained_autoep  # noqa: F401
 
+from moelab import data
 from moelab.analysis.routing import TOP_TOKENS, analyze, doc_title, routing_section, write_outputs
+from moelab.export import load_inference_model, source_tokenizer
 from trained_moe import TrainedMoE, trained_moe  # noqa: F401
 
 
@@ -59,3 +63,28 @@ def test_report_routing_section(trained_moe: TrainedMoE, tmp_path: Path) -> None
     assert "<h3>tiny_moe_top2</h3>" in html and "other_moe" not in html and "tiny_dense" not in html
     assert (tmp_path / "out" / "routing-tiny_moe_top2" / "routing.json").exists()
     assert sections.routing([no_ckpt, dense], tmp_path / "out") is None
+
+
+@pytest.mark.slow
+def test_routing_of_an_autoep_run(trained_autoep: TrainedMoE) -> None:  # noqa: F811
+    """The dropless layer's router is read as the classic one's: every token's top-2 routes
+    in every layer, and the routes of a document match the layer's own expert counts."""
+    stats = analyze(trained_autoep.run_dir, max_tokens_per_doc=64)
+    assert stats.top_k == 2 and stats.num_experts == 4
+    assert [lr.layer for lr in stats.layers] == [0, 1, 2, 3]
+    assert stats.documents and stats.tokens == 64 * len(stats.documents)
+    for lr in stats.layers:
+        assert sum(lr.routes_per_expert) == 2 * stats.tokens
+        for share in lr.doc_share.values():
+            assert len(share) == 4 and sum(share) == pytest.approx(1.0)
+    # the recorder's counts are the model's own (DroplessMoE's exp_counts) on the same tokens
+    model, source = load_inference_model(trained_autoep.run_dir)
+    tok = source_tokenizer(source.cfg)
+    text = data.load_splits(source.cfg.data)["validation"][source.cfg.data.text_column][0]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:64]
+    with torch.inference_mode():
+        counts = model(torch.tensor([ids])).exp_counts
+    first = stats.documents[0]
+    for lr, want in zip(stats.layers, counts, strict=True):
+        got = [round(x * 2 * len(ids)) for x in lr.doc_share[first]]
+        assert got == want.tolist(), (lr.layer, got, want)

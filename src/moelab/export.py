@@ -8,11 +8,19 @@ the model with `moe_runtime: torch` (the pure-torch MoE dispatch: no DeepSpeed, 
 group). The folder gets the config, safetensors weights, the run's tokenizer and the
 modeling code (copied by transformers' custom-code mechanism), so
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` loads it anywhere.
+
+A `model.moe.impl: autoep` run saves AutoEP's layer instead: the router as
+`<block>.router.gate.weight` among the non-expert weights, and per expert file the expert's
+slices of the grouped tensors, `<block>.experts.w1.<E>` (gate, H x D), `w3.<E>` (up, H x D)
+and `w2.<E>` (down, D x H). `autoep_to_dropless` renames them to the exported model's
+`DroplessMoE` (`<block>.gate.weight`, `<block>.experts.gate_up_proj` (E, 2H, D) = [w1; w3]
+per expert, `<block>.experts.down_proj` (E, D, H) = w2).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,22 +79,60 @@ def _load(path: Path) -> dict[str, Any]:
     return state
 
 
+AUTOEP_EXPERT_KEY = re.compile(r"(?P<block>.+)\.experts\.(?P<w>w[123])\.(?P<e>\d+)")
+"""An AutoEP expert file's key: `<block>.experts.<w1|w2|w3>.<global expert id>`."""
+AUTOEP_ROUTER_KEY = re.compile(r"(?P<block>.+)\.router\.gate\.weight")
+
+
+def autoep_to_dropless(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """An AutoEP checkpoint's state dict (all experts gathered) keyed as `DroplessMoE`: the
+    router's Linear as `<block>.gate.weight`, each layer's per-expert w1/w3/w2 slices stacked
+    into `gate_up_proj` (E, 2H, D) rows [gate; up] and `down_proj` (E, D, H). Keys that are
+    neither (the rest of the model) pass through."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key, tensor in state.items():
+        if m := AUTOEP_EXPERT_KEY.fullmatch(key):
+            by_w = experts.setdefault(m["block"], {})
+            by_w.setdefault(m["w"], {})[int(m["e"])] = tensor
+        elif m := AUTOEP_ROUTER_KEY.fullmatch(key):
+            out[f"{m['block']}.gate.weight"] = tensor
+        else:
+            out[key] = tensor
+    for block, w in experts.items():
+        if any(sorted(w.get(n, {})) != list(range(num_experts)) for n in ("w1", "w2", "w3")):
+            raise ValueError(
+                f"{block} lacks experts of w1/w2/w3 (want ids 0-{num_experts - 1}); the "
+                "checkpoint is incomplete: export another tag with --tag."
+            )
+        stack = [torch.cat((w["w1"][e], w["w3"][e])) for e in range(num_experts)]
+        out[f"{block}.experts.gate_up_proj"] = torch.stack(stack)
+        out[f"{block}.experts.down_proj"] = torch.stack([w["w2"][e] for e in range(num_experts)])
+    return out
+
+
 def gather_state_dict(source: Source) -> dict[str, torch.Tensor]:
     """Non-expert weights plus every expert of every MoE layer, keyed as in the model."""
     tag_dir = RunDir(source.run_dir).checkpoints / source.tag
+    model = source.cfg.model
+    autoep = model.is_moe and model.moe.impl == "autoep"
+    if autoep and source.cfg.zero.stage == 3:
+        raise ValueError(
+            "a zero=stage3 run with model.moe.impl=autoep keeps its experts in ZeRO's "
+            "partitions, not in expert files; export a run trained with zero=stage2 or lower."
+        )
     state: dict[str, torch.Tensor] = dict(_load(tag_dir / NON_EXPERT_FILE)["module"])
     expert_files = sorted(p for p in tag_dir.iterdir() if EXPERT_FILE.fullmatch(p.name))
     for path in expert_files:
         state.update(_load(path))
-    model = source.cfg.model
-    want = len(model.moe_layer_indices()) * model.moe.num_experts
+    want = len(model.moe_layer_indices()) * model.moe.total_experts
     if len(expert_files) != want:
         raise ValueError(
             f"{tag_dir} holds {len(expert_files)} expert files, not {want} "
-            f"({model.moe.num_experts} experts x {len(model.moe_layer_indices())} MoE layers); "
-            "the checkpoint is incomplete: export another tag with --tag."
+            f"({model.moe.total_experts} experts x {len(model.moe_layer_indices())} MoE "
+            "layers); the checkpoint is incomplete: export another tag with --tag."
         )
-    return state
+    return autoep_to_dropless(state, model.moe.total_experts) if autoep else state
 
 
 def inference_config(source: Source) -> MoelabLMConfig:

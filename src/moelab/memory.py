@@ -7,7 +7,8 @@ expert-data-parallel group (`world/ep` ranks, the ranks holding the same experts
 non-expert parameters are partitioned over all `world` data-parallel ranks. With `w` bytes
 per weight (2 for bf16/fp16, 4 for fp32), per parameter of a rank:
 
-  weights     w                         (ZeRO-3: / dp)
+  weights     w                         (ZeRO-3: / dp; only `model.moe.impl: autoep` runs
+                                        MoE models at ZeRO-3)
   gradients   w                         (ZeRO-2 and 3: / dp)
   optimizer   mixed precision: 16 = fp32 master 4 + Adam m 4 + v 4 + fp32 gradient 4
               fp32 with ZeRO-1/2: 16 = DeepSpeed's fp32 partition copy 4 + m 4 + v 4 + grad 4
@@ -26,15 +27,31 @@ its output, not the T x T scores):
   attention block   7*D + 2*D*kv_heads/n_heads   (norm in/out, q, o-proj input, output,
                                                   residual, next norm output; k and v)
   SwiGLU of size H  4*H                          (gate+up output 2H, silu(gate) H, product H)
-  MoE FFN           2*D + c*(2*D + 4*H_e)        (c = capacity slots per token,
-                                                  capacity_factor * top_k: dispatched input,
-                                                  combined output, each expert's SwiGLU)
+  MoE FFN           2*D + c*(2*D + 4*H_e)        (c = expert rows per token: dispatched
+                                                  input, combined output, each expert's SwiGLU)
+
+where c is, per MoE layer (k and E after granularity: `active_experts`, `total_experts`):
+
+  classic   capacity_factor * k   the (E, capacity, D) dispatch tensor, padded to capacity
+  autoep    k                     dropless: AutoEP's `_forward` keeps, per routed row, the
+                                  expert-grouped input its grouped GEMMs read (the gather
+                                  `permute_by_local_expert` makes) and the (tokens*k, D)
+                                  scatter `combine_from_routed` weights; plus, per MoE layer
+                                  and micro-batch, 8 alignment rows per local expert
+                                  (TOKEN_GROUP_ALIGN_SIZE_M) through the grouped input and
+                                  the SwiGLU: (E/ep) * 8 * (D + 4*H_e) elements. The other
+                                  copies of the routed rows (the gather by token, both
+                                  all-to-all outputs, the unpermuted output, the fp32 product
+                                  of the combine) are freed within the layer, before the
+                                  LM head's peak, and are not counted.
   LM head           V*(w + 12)/w                 (logits, the shifted fp32 copy the loss takes,
                                                   fp32 log-softmax and its gradient)
 
-All-to-all: each MoE layer sends its dispatched tokens (num_experts x capacity x D) to the
-other ranks of its EP group and the results back, forward and backward: 4 all-to-alls per
-layer per micro-step, of which a rank sends (ep-1)/ep of the tensor.
+All-to-all: each MoE layer sends its dispatched tokens to the other ranks of its EP group and
+the results back, forward and backward: 4 all-to-alls per layer per micro-step, of which a
+rank sends (ep-1)/ep of the tensor (uniform routing). The tensor is the classic layer's
+(E x capacity x D), capacity from E and k after granularity, or AutoEP's routed rows
+(tokens x k x D, no padding).
 
 Serving (bf16 weights): bytes read per decoded token at batch 1 are the weights a token
 touches (attention, dense FFN, top_k experts, router, LM head; one embedding row) plus its
@@ -59,6 +76,7 @@ from moelab.shapes import expert_capacity
 GIB = 1024**3
 SERVE_BYTES = 2  # bf16 weights and KV cache for serving
 LOGITS_EXTRA_BYTES = 12  # fp32 shifted copy + fp32 log-softmax + its fp32 gradient
+AUTOEP_ALIGN_ROWS = 8  # deepspeed.moe.ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M
 
 
 @dataclass(frozen=True)
@@ -152,13 +170,21 @@ def model_state_bytes(sizes: Sizes, s: TrainSetup) -> dict[str, float]:
     buckets = 2 if s.overlap_comm else 1
     return {
         "params_nonexpert": w * (ne / s.world if s.stage == 3 else ne),
-        "params_expert_shard": w * ex,
+        "params_expert_shard": w * (ex / s.expert_dp if s.stage == 3 else ex),
         "grads": w * (sharded if s.stage >= 2 else full),
         "optimizer": _optimizer_bytes_per_param(s) * (sharded if s.stage >= 1 else full),
         "buffers": buckets * s.reduce_bucket_size * w
         if s.stage == 2 and s.contiguous_gradients
         else 0.0,
     }
+
+
+def expert_rows_per_token(m: ModelConfig) -> float:
+    """c of the MoE FFN's activations: rows each token occupies in an MoE layer's experts
+    (capacity-padded slots on the classic layer, routes on the dropless AutoEP layer)."""
+    if m.moe.impl == "autoep":
+        return m.moe.active_experts
+    return m.moe.capacity_factor * m.moe.active_experts
 
 
 def activation_elements_per_token(m: ModelConfig, weight_bytes: int) -> float:
@@ -172,28 +198,43 @@ def activation_elements_per_token(m: ModelConfig, weight_bytes: int) -> float:
             hidden = m.expert_hidden if m.ffn == "pr_moe" and m.is_moe_layer(i) else m.mlp_hidden
             total += 4 * hidden
         if m.is_moe_layer(i):
-            slots = m.moe.capacity_factor * m.moe.top_k
-            total += 2 * d + slots * (2 * d + 4 * m.expert_hidden)
+            total += 2 * d + expert_rows_per_token(m) * (2 * d + 4 * m.expert_hidden)
     total += m.padded_vocab_size * (weight_bytes + LOGITS_EXTRA_BYTES) / weight_bytes
     return total
+
+
+def alignment_elements(m: ModelConfig, ep_size: int) -> float:
+    """AutoEP's alignment rows of one micro-batch, all MoE layers (module docstring)."""
+    if not m.is_moe or m.moe.impl != "autoep":
+        return 0.0
+    rows = m.moe.total_experts // ep_size * AUTOEP_ALIGN_ROWS
+    return len(m.moe_layer_indices()) * rows * (m.d_model + 4 * m.expert_hidden)
 
 
 def estimate_memory(m: ModelConfig, sizes: Sizes, s: TrainSetup, seq_len: int) -> MemoryEstimate:
     """Training memory per device for one micro-batch (module docstring has the formulas)."""
     tokens = s.micro_batch_size * seq_len
-    act = tokens * activation_elements_per_token(m, s.weight_bytes) * s.weight_bytes
+    elements = tokens * activation_elements_per_token(m, s.weight_bytes)
+    act = (elements + alignment_elements(m, s.ep_size)) * s.weight_bytes
     return MemoryEstimate(**model_state_bytes(sizes, s), activations=act)
+
+
+def dispatched_elements(m: ModelConfig, tokens: int) -> float:
+    """Elements of the tensor one MoE layer's dispatch all-to-all carries (all ranks' share)."""
+    e = m.moe
+    if e.impl == "autoep":
+        return tokens * e.active_experts * m.d_model
+    cap = expert_capacity(
+        tokens, e.total_experts, e.active_experts, e.capacity_factor, e.min_capacity
+    )
+    return e.total_experts * cap * m.d_model  # (E, C, D)
 
 
 def all_to_all_bytes(m: ModelConfig, s: TrainSetup, seq_len: int) -> dict[str, float]:
     """Bytes one rank sends in all-to-alls per optimizer step (0 without EP)."""
     if not m.is_moe or s.ep_size == 1:
         return {"per_layer_per_micro_step": 0.0, "per_rank_per_step": 0.0, "world_per_step": 0.0}
-    e = m.moe
-    cap = expert_capacity(
-        s.micro_batch_size * seq_len, e.num_experts, e.top_k, e.capacity_factor, e.min_capacity
-    )
-    tensor = m.moe.num_experts * cap * m.d_model * s.weight_bytes  # (E, C, D) dispatched
+    tensor = dispatched_elements(m, s.micro_batch_size * seq_len) * s.weight_bytes
     per_layer = 4 * tensor * (s.ep_size - 1) / s.ep_size  # 2 forward + 2 backward
     per_rank = per_layer * len(m.moe_layer_indices()) * s.grad_accum
     return {
@@ -239,7 +280,7 @@ def _more_nodes(s: TrainSetup, factor: int, gpus_per_node: int) -> Change:
 
 def _knobs(m: ModelConfig, s: TrainSetup, gpus_per_node: int) -> dict[str, list[Change]]:
     """Each knob's changes, smallest first; knobs in order of how little they disturb a run."""
-    max_stage = 2 if m.is_moe else 3
+    max_stage = 2 if m.is_moe and m.moe.impl == "classic" else 3
     knobs: dict[str, list[Change]] = {
         "zero": [_set(f"zero=stage{st}", stage=st) for st in range(s.stage + 1, max_stage + 1)],
         "ep_size": [
@@ -290,51 +331,6 @@ def fixes_that_fit(
                     found.append(hit)
                     break
     return found[:4]
-
-
-def deepspeed_estimate(sizes: Sizes, s: TrainSetup, gpus_per_node: int, largest_layer: int) -> Any:
-    """DeepSpeed's own ZeRO model-state estimate (GPU bytes) for this cluster, or None."""
-    if s.stage == 0:
-        return None
-    offload = s.offload_optimizer != "none"
-    nodes = max(1, s.world // gpus_per_node)
-    if s.stage in (1, 2):
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        _, gpu = estimate_zero2_model_states_mem_needs(
-            sizes.total, gpus_per_node, nodes, cpu_offload=offload
-        )
-        return gpu
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(
-        sizes.total,
-        largest_layer,
-        gpus_per_node,
-        nodes,
-        cpu_offload=offload,
-        cpu_offload_params=False,
-    )
-    return gpu
-
-
-def deepspeed_differences(m: ModelConfig, s: TrainSetup) -> list[str]:
-    """Why moelab's model-state figure differs from DeepSpeed's estimator."""
-    notes = ["DeepSpeed's figure covers model states only (no activations, no bucket buffers)."]
-    if s.precision == "fp32":
-        notes.append(
-            "DeepSpeed assumes 16-bit weights and gradients; this run trains in fp32 "
-            "(4-byte weights and gradients)."
-        )
-    if s.stage == 1:
-        notes.append("DeepSpeed's estimator is ZeRO-2's: ZeRO-1 keeps whole gradients per rank.")
-    if m.is_moe:
-        notes.append(
-            f"DeepSpeed counts every expert on every rank and shards over all {s.world} ranks; "
-            f"with ep_size={s.ep_size} a rank holds 1/{s.ep_size} of the experts, and ZeRO "
-            f"partitions their states over the {s.expert_dp}-rank expert-data-parallel group."
-        )
-    return notes
 
 
 def kv_bytes_per_token(m: ModelConfig) -> int:

@@ -5,7 +5,8 @@ routes of each source document (a play, for the bundled corpus; packing into blo
 document ids, so the documents are read and tokenized here one by one), and how often two
 consecutive tokens of a document keep their first-choice expert (against the chance rate
 `sum_e p_e^2` of the layer's expert shares). Routes are the router's top-k choices before
-capacity drops. `routing_section` renders it as an HTML fragment with inline PNGs.
+capacity drops (the classic layer's; `moe.impl: autoep` drops none). `routing_section`
+renders it as an HTML fragment with inline PNGs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from moelab import data
 from moelab.export import load_inference_model, source_tokenizer
+from moelab.models.moe_dropless import DroplessMoEFFN
 from moelab.models.moe_torch import TopKRouter, TorchMoEFFN
 
 TOP_TOKENS = 20
@@ -62,6 +64,14 @@ def doc_title(text: str, index: int) -> str:
     return first[:60] or f"doc{index}"
 
 
+def _router_logits(mod: nn.Module, x: torch.Tensor, out: Any) -> torch.Tensor:
+    """The (S, E) fp32 logits of a router forward: the dropless block's gate is the Linear
+    itself (its output), the capacity router's (`TopKRouter`) holds it as `wg`."""
+    if isinstance(mod, TopKRouter):
+        return x.reshape(-1, x.shape[-1]).float() @ mod.wg.weight.float().t()
+    return out.reshape(-1, out.shape[-1]).float()
+
+
 def _route_recorder(
     model: nn.Module, top_k: int
 ) -> tuple[dict[int, list[torch.Tensor]], list[Any]]:
@@ -69,13 +79,11 @@ def _route_recorder(
     routes: dict[int, list[torch.Tensor]] = {}
     handles = []
     for ffn in model.modules():
-        if not isinstance(ffn, TorchMoEFFN):
+        if not isinstance(ffn, TorchMoEFFN | DroplessMoEFFN):
             continue
 
-        def hook(mod: nn.Module, args: Any, _out: Any, idx: int = ffn.layer_idx) -> None:
-            assert isinstance(mod, TopKRouter)
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (S, D)
-            logits = x @ mod.wg.weight.float().t()  # (S, E): the router's own logits
+        def hook(mod: nn.Module, args: Any, out: Any, idx: int = ffn.layer_idx) -> None:
+            logits = _router_logits(mod, args[0], out)
             routes.setdefault(idx, []).append(logits.topk(top_k, dim=-1).indices.t())
 
         routes[ffn.layer_idx] = []
@@ -109,7 +117,7 @@ def analyze(
         raise ValueError(f"model.ffn={cfg.model.ffn!r} has no experts; analyze an MoE run.")
     tok = source_tokenizer(cfg)
     docs = data.load_splits(cfg.data)[split]
-    k, n_exp = cfg.model.moe.top_k, cfg.model.moe.num_experts
+    k, n_exp = cfg.model.moe.active_experts, cfg.model.moe.total_experts
     routes, handles = _route_recorder(model, k)
     layers = sorted(routes)
     counts = {layer: [Counter() for _ in range(n_exp)] for layer in layers}  # type: ignore[var-annotated]

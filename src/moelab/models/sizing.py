@@ -9,8 +9,8 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from moelab.config import ModelConfig
-from moelab.ds_moe import iter_moe_layers
 from moelab.models.build import build_model
+from moelab.moe_impls import all_moe_ffns
 
 _PARTS = ("embedding", "lm_head", "attention", "dense_ffn", "experts", "router", "norms")
 
@@ -39,45 +39,57 @@ class ParamCount:
         return asdict(self)
 
 
+def _moe_roles(model: nn.Module, cfg: ModelConfig, ep_size: int) -> dict[int, tuple[str, int]]:
+    """id(parameter) -> ('experts', how many copies of it the model's experts make) or
+    ('router', 1), for every MoE FFN of `model`, whichever implementation (`expert_params()`
+    and `gate`)."""
+    per_expert = 3 * cfg.d_model * cfg.expert_hidden  # one SwiGLU expert
+    total = cfg.moe.total_experts
+    roles: dict[int, tuple[str, int]] = {}
+    for ffn in all_moe_ffns(model):
+        params = ffn.expert_params()
+        local = sum(p.numel() for p in params) // per_expert  # experts this build holds
+        if local not in (total, total // ep_size):
+            raise ValueError(
+                f"MoE layer {ffn.layer_idx} holds {local} experts, neither all {total} nor "
+                f"1/{ep_size} of them; pass the ep_size the model was built for."
+            )
+        roles |= {id(p): ("experts", total // local) for p in params}
+        roles |= {id(p): ("router", 1) for p in ffn.gate.parameters()}
+    return roles
+
+
 def _part_of(name: str) -> str:
     if name.startswith("model.embed_tokens."):
         return "embedding"
     if name.startswith("lm_head."):
         return "lm_head"
-    checks = {
-        ".deepspeed_experts.": "experts",
-        ".gate.wg.": "router",
-        ".attn.": "attention",
-        ".mlp.": "dense_ffn",
-        "norm.": "norms",
-    }
+    checks = {".attn.": "attention", ".mlp.": "dense_ffn", "norm.": "norms"}
     return next((part for key, part in checks.items() if key in name), "other")
 
 
-def _inactive_expert_params(model: nn.Module, cfg: ModelConfig) -> int:
-    unused = 0
-    for _, moe in iter_moe_layers(model):
-        layer = sum(p.numel() for p in moe.deepspeed_moe.experts.parameters())
-        unused += (cfg.moe.total_experts - cfg.moe.active_experts) * layer // moe.num_local_experts
-    return unused
-
-
 def count_model_params(model: nn.Module, cfg: ModelConfig, ep_size: int = 1) -> ParamCount:
-    """Global counts of a built model; with ep_size > 1 it holds 1/ep_size of the experts."""
+    """Global counts of a model built for `ep_size`: a layer holding 1/ep_size of the experts
+    (a classic or AutoEP-replaced rank) counts them ep_size times, one holding all of them
+    (AutoEP's block before `deepspeed.initialize`) once."""
     parts = dict.fromkeys((*_PARTS, "other"), 0)
+    roles = _moe_roles(model, cfg, ep_size)
     for name, p in model.named_parameters():  # tied weights are listed once
-        part = _part_of(name)
-        parts[part] += p.numel() * (ep_size if part == "experts" else 1)
+        part, copies = roles.get(id(p), (_part_of(name), 1))
+        parts[part] += p.numel() * copies
     total = sum(parts.values())
-    return ParamCount(total=total, active=total - _inactive_expert_params(model, cfg), **parts)
+    moe = cfg.moe
+    unused = (moe.total_experts - moe.active_experts) * parts["experts"] // moe.total_experts
+    return ParamCount(total=total, active=total - unused, **parts)
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
     """Build `cfg` on the meta device and count its parameters.
 
-    It is built as one EP rank of ep_size = num_experts (one expert per MoE layer) and its
-    experts are counted num_experts times: DeepSpeed's experts are copies of one module, and
-    building arctic_480b's 4,480 experts would take most of the planner's time budget.
+    It is built as one EP rank of ep_size = num_experts (the classic layer then holds one
+    expert per MoE layer, counted num_experts times: building arctic_480b's 4,480 experts one
+    module each would take most of the planner's time budget; AutoEP's source block holds all
+    of them in two 3-D parameters).
     """
     ep = cfg.moe.num_experts if cfg.is_moe else 1
     # Random init on meta tensors runs through slow Python decompositions: skip it.
