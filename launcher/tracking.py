@@ -45,6 +45,7 @@ def run_tags(cfg: MoelabConfig) -> dict[str, str]:
     return {
         "variant": cfg.model.name,
         "ffn": cfg.model.ffn,
+        "moe_impl": cfg.model.moe.impl if cfg.model.is_moe else "-",
         "zero_stage": str(cfg.zero.stage),
         "ep_size": str(cfg.ep_size),
         "world_size": str(cfg.world_size),

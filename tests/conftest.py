@@ -72,6 +72,17 @@ VARIANT_SWEEP = (
 )
 
 
+AUTOEP_VARIANTS = ("tiny_moe_top1", "tiny_moe_top2", "tiny_arctic")
+AUTOEP_EXPERIMENT = "variants-autoep"
+AUTOEP_SWEEP = (
+    "-m",
+    f"model={','.join(AUTOEP_VARIANTS)}",
+    "model.moe.impl=autoep",
+    *[a for a in VARIANT_SWEEP[2:] if not a.startswith("tracking.")],
+    f"tracking.experiment={AUTOEP_EXPERIMENT}",
+)
+
+
 @dataclass
 class VariantSweep:
     """The launcher's result for VARIANT_SWEEP and the MLflow store it logged to."""
@@ -84,9 +95,11 @@ class VariantSweep:
     def uri(self) -> str:
         return f"sqlite:///{self.work / 'mlflow.db'}"
 
+    experiment: str = SWEEP_EXPERIMENT
+
     def run(self, variant: str) -> Any:
         """The sweep's child run of `variant`."""
-        exp = self.client.get_experiment_by_name(SWEEP_EXPERIMENT)
+        exp = self.client.get_experiment_by_name(self.experiment)
         (run,) = [
             r for r in self.client.search_runs([exp.experiment_id])
             if r.data.tags.get("variant") == variant and "mlflow.parentRunId" in r.data.tags
@@ -102,6 +115,16 @@ def variant_sweep(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) 
     proc = run_launcher(work, shared_cache, *VARIANT_SWEEP, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return VariantSweep(work, proc, MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
+
+
+@pytest.fixture(scope="session")
+def autoep_sweep(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> VariantSweep:
+    """VARIANT_SWEEP's MoE variants again with model.moe.impl=autoep (same settings)."""
+    work = tmp_path_factory.mktemp("autoep-sweep")
+    proc = run_launcher(work, shared_cache, *AUTOEP_SWEEP, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    return VariantSweep(work, proc, client, AUTOEP_EXPERIMENT)
 
 
 Rejects = Callable[[list[str], str], None]

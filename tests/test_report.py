@@ -22,7 +22,7 @@ from launcher.report.collect import LOSS, RunData
 
 EXPERIMENT = SWEEP_EXPERIMENT
 PLOTS = ("loss_vs_tokens", "loss_vs_wall", "loss_vs_flops", "throughput", "a2a_share_per_layer")
-MOE_COLUMNS = ("a2a %", "load CV", "dropped")
+MOE_COLUMNS = ("impl", "a2a %", "load CV", "dropped")
 
 
 @dataclass
@@ -79,9 +79,10 @@ def test_table_has_every_column_and_variant(built: Built) -> None:
         assert len(cells) == len(compare.headers()), cells
         moe_cells = [cells[i] for i in moe_at]
         if variant == "tiny_dense":
-            assert moe_cells == ["-", "-", "-"]  # no MoE layers: shown, not a crash
+            assert moe_cells == ["-"] * len(MOE_COLUMNS)  # no MoE layers: shown, not a crash
         else:
             assert "-" not in moe_cells, cells
+            assert cells[compare.headers().index("impl")] == "classic", cells
         others = [c for i, c in enumerate(cells) if i not in moe_at and i != wall_at]
         assert "-" not in others, f"{variant}: {cells}"
     assert "training tokens: 16,384 tokens" in built.stdout  # 16 steps x 2 ranks x 4 x 128

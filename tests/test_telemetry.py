@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import VARIANT_SWEEP, VariantSweep
+from conftest import AUTOEP_VARIANTS, VARIANT_SWEEP, VariantSweep
 from moelab import ds_moe as moe_layers
 from moelab.config import MoEConfig, MoelabConfig
 from moelab.shapes import expert_capacity
@@ -300,6 +300,40 @@ def test_a2a_bytes_match_an_independent_count(variant: str, variant_sweep: Varia
     assert all(m[f"moe/layer_{i}/a2a_bwd_ms"] > 0 for i in layers)
     assert sum(m[f"moe/layer_{i}/a2a_bwd_ms"] for i in layers) == pytest.approx(bwd, rel=1e-9)
     assert sum(m[f"moe/layer_{i}/a2a_ms"] for i in layers) == pytest.approx(fwd, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", AUTOEP_VARIANTS)
+def test_autoep_sweep_logs_what_the_classic_sweep_logs(
+    variant: str, variant_sweep: VariantSweep, autoep_sweep: VariantSweep
+) -> None:
+    """The same 2-rank ZeRO-2 ep2 sweep with model.moe.impl=autoep logs the same metric names;
+    nothing is dropped; the all-to-alls send only the routed rows (variable splits), so each
+    rank's step bytes are whole rows of d_model x 4 B, four times (dispatch, combine, 2
+    reverses), at most every route of the rank."""
+    from launcher.compose import compose_config, to_schema
+
+    classic, run = variant_sweep.run(variant), autoep_sweep.run(variant)
+    assert run.info.status == "FINISHED"
+    assert (classic.data.tags["moe_impl"], run.data.tags["moe_impl"]) == ("classic", "autoep")
+    assert set(run.data.metrics) == set(classic.data.metrics)
+    ds = json.loads(Path(run.data.tags["run_dir"], "ds_config.json").read_text())
+    assert ds["expert_parallel"]["autoep_size"] == 2
+    over = [a for a in VARIANT_SWEEP if a != "-m" and not a.startswith(("model=", "tracking."))]
+    cfg = to_schema(compose_config([f"model={variant}", *over]))
+    m, rid, layers = run.data.metrics, run.info.run_id, moe_layer_ids(cfg)
+    assert all(m[f"moe/layer_{i}/drop_fraction"] == 0.0 for i in layers)
+    row = cfg.model.d_model * 4 * 4
+    routes = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.model.moe.top_k
+    assert 0 < m["moe/a2a_bytes"] <= len(layers) * routes * row
+    assert (2 * m["moe/a2a_bytes"]) % row == 0  # the mean over 2 ranks of whole rows
+    for key in ("a2a_ms", "a2a_bwd_ms", "gate_ms", "expert_ms"):
+        assert all(m[f"moe/layer_{i}/{key}"] > 0 for i in layers), key
+    assert sum(m[f"moe/layer_{i}/a2a_ms"] for i in layers) == pytest.approx(m["moe/a2a_ms"])
+    loss = [x.value for x in autoep_sweep.client.get_metric_history(rid, "train/loss")]
+    assert loss[-1] < loss[0] - 0.5, loss
+    total = [x.value for x in autoep_sweep.client.get_metric_history(rid, "moe/a2a_bytes_total")]
+    assert total == sorted(total) and total[0] > 0
 
 
 class RecordingSink(NullSink):

@@ -16,10 +16,22 @@ from launcher.compose import compose_config, to_schema
 from launcher.errors import ConfigError
 from launcher.validate import BOUNDED_BY_RULE, COUNT_LIMITS, validate, validate_counts
 from moelab.config import MoelabConfig
+from moelab.dsconfig import build_ds_config
 
 BAD = [
     (["model=tiny_moe_top2", "zero=stage3"], "zero=stage3 does not work with model.ffn=moe"),
     (["model=tiny_arctic", "zero=stage3"], "zero=stage3 does not work with model.ffn=arctic"),
+    (
+        ["model=tiny_moe_top2", "model.moe.impl=megablocks"],
+        "model.moe.impl='megablocks' is not valid; use one of: classic, autoep.",
+    ),
+    (["model=tiny_pr_moe", "model.moe.impl=autoep"], "model.ffn=pr_moe runs on the classic"),
+    (["model=tiny_moe_top2", "model.moe.balance=bias"], "model.moe.balance=bias needs AutoEP"),
+    (["model=tiny_moe_top2", "model.moe.balance=loss"], "model.moe.balance='loss' is not valid"),
+    (
+        ["model=tiny_moe_top1", "model.moe.impl=autoep", "model.moe.noisy_gate_policy=Jitter"],
+        "model.moe.noisy_gate_policy=Jitter is not available with model.moe.impl=autoep",
+    ),
     (["model=tiny_moe_top2", "parallel=ep8"], "does not divide model.moe.num_experts=4"),
     (["model=moe_top2", "parallel=ep4"], "does not divide the world size 2"),
     (["model=tiny_moe_top2", "model.moe.top_k=3"], "model.moe.top_k=3 is not valid"),
@@ -235,6 +247,20 @@ def test_planning_preset_allowed_for_plan() -> None:
 
 def test_dense_with_zero3_is_fine() -> None:
     validate(to_schema(compose_config(["model=tiny_dense", "zero=stage3"])))
+
+
+@pytest.mark.parametrize("model", ["tiny_moe_top1", "tiny_moe_top2", "tiny_arctic"])
+def test_autoep_takes_zero3_and_every_moe_variant(model: str) -> None:
+    """AutoEP trains under ZeRO-3 (the classic layer is refused above), top-1, top-2, Arctic."""
+    cfg = to_schema(compose_config([f"model={model}", "model.moe.impl=autoep", "zero=stage3"]))
+    validate(cfg)
+    ds = build_ds_config(cfg)
+    section = ds["expert_parallel"]
+    assert (
+        section["autoep_size"] == cfg.parallel.ep_size and section["top_k"] == cfg.model.moe.top_k
+    )
+    assert section["route_norm"] is (cfg.model.moe.top_k > 1)  # Switch: top-1 unnormalised
+    assert "expert_parallel" not in build_ds_config(to_schema(compose_config([f"model={model}"])))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -139,6 +139,8 @@ class Comparison:
     values: list[dict[str, float | None]]
     at: dict[str, float | None]
     """Axis key -> the x the 'loss@' columns are read at."""
+    impls: list[str] = field(default_factory=list)
+    """Each run's MoE implementation (tag moe_impl: classic, autoep; '-' for dense)."""
 
 
 def _row(run: RunData) -> dict[str, float | None]:
@@ -167,14 +169,16 @@ def build_comparison(runs: list[RunData]) -> Comparison:
         at[axis.key], losses = equal_x([curve(r, axis.key) for r in runs])
         for row, loss in zip(rows, losses, strict=True):
             row[col] = loss
-    return Comparison([r.label for r in runs], rows, at)
+    impls = [r.tags.get("moe_impl", "-") for r in runs]
+    return Comparison([r.label for r in runs], rows, at, impls)
 
 
 def cells(comparison: Comparison) -> list[list[str]]:
     """The table as strings: '-' where a value does not apply (dense: no MoE figures)."""
     out = []
-    for label, row in zip(comparison.labels, comparison.values, strict=True):
-        shown = [label]
+    impls = comparison.impls or ["-"] * len(comparison.labels)
+    for label, impl, row in zip(comparison.labels, impls, comparison.values, strict=True):
+        shown = [label, impl]
         for col in COLUMNS:
             v = row.get(col.header)
             shown.append("-" if v is None or math.isnan(v) else col.fmt(v))
@@ -183,7 +187,7 @@ def cells(comparison: Comparison) -> list[list[str]]:
 
 
 def headers() -> tuple[str, ...]:
-    return ("variant", *(c.header for c in COLUMNS))
+    return ("variant", "impl", *(c.header for c in COLUMNS))
 
 
 def describe_x(comparison: Comparison) -> list[str]:
