@@ -108,6 +108,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/launch_bench.py
 	$(PY) benchmarks/moe_layer.py --quick
+	$(PY) benchmarks/impl_quality.py
 	$(PY) benchmarks/telemetry_overhead.py --steps 20 --rounds 3
 
 mlflow-ui: $(STAMP)

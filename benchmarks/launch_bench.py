@@ -3,7 +3,8 @@
 Sections (each a table and one JSONL record in benchmarks/results/):
   variants  seed_cpu_{dense,moe,hybrid} on 2 ranks, ep_size 2: tokens/s and the measured
             MoE/dense and hybrid/dense ratios beside the FLOPs-predicted and the seed report's;
-            moe top-1 vs top-2 and moe_layer_frequency 1 vs 2            -> variants.jsonl
+            moe top-1 vs top-2 and moe_layer_frequency 1 vs 2; the MoE and hybrid
+            again with model.moe.impl=autoep (DeepSpeed AutoEP, dropless)  -> variants.jsonl
   overhead  moelab-launch vs benchmarks/baseline/train_plain.py (same model, data, ds_config):
             time to first step and steady step time                     -> overhead.jsonl
   scaling   1 vs 2 ranks, ep_size 1 vs 2                                 -> scaling.jsonl
@@ -66,10 +67,14 @@ class Case:
 
 
 MOE = ("model=seed_cpu_moe", "parallel.ep_size=2")
+HYBRID = ("model=seed_cpu_hybrid", "parallel.ep_size=2")
+AUTOEP = "model.moe.impl=autoep"
 CASES = [
     Case("dense", ("model=seed_cpu_dense",), sections=("variants",)),
     Case("moe", MOE, sections=("variants", "overhead", "scaling")),
-    Case("hybrid", ("model=seed_cpu_hybrid", "parallel.ep_size=2"), sections=("variants",)),
+    Case("hybrid", HYBRID, sections=("variants",)),
+    Case("moe_autoep", (*MOE, AUTOEP), sections=("variants",)),
+    Case("hybrid_autoep", (*HYBRID, AUTOEP), sections=("variants",)),
     Case("moe_top1", (*MOE, "model.moe.top_k=1"), sections=("variants",)),
     Case("moe_freq2", (*MOE, "model.moe.moe_layer_frequency=2"), sections=("variants",)),
     Case("baseline", MOE, baseline=True, sections=("overhead",)),
@@ -240,6 +245,8 @@ def use_gpu_presets() -> None:
         Case("dense", ("model=seed_600m_dense", *gpu), 1, sections=("variants",)),
         Case("moe", moe, 1, sections=("variants",)),
         Case("hybrid", ("model=seed_600m_hybrid", *gpu), 1, sections=("variants",)),
+        Case("moe_autoep", (*moe, AUTOEP), 1, sections=("variants",)),
+        Case("hybrid_autoep", ("model=seed_600m_hybrid", *gpu, AUTOEP), 1, sections=("variants",)),
         Case("moe_top1", (*moe, "model.moe.top_k=1"), 1, sections=("variants",)),
         Case("moe_freq2", (*moe, "model.moe.moe_layer_frequency=2"), 1, sections=("variants",)),
     ]

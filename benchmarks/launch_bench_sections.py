@@ -52,6 +52,10 @@ def variants_section(
     pairs = [
         ("moe", "dense", SEED_RATIOS["moe"]),
         ("hybrid", "dense", SEED_RATIOS["hybrid"]),
+        ("moe_autoep", "dense", SEED_RATIOS["moe"]),
+        ("hybrid_autoep", "dense", SEED_RATIOS["hybrid"]),
+        ("moe_autoep", "moe", None),
+        ("hybrid_autoep", "hybrid", None),
         ("moe_top1", "moe", None),
         ("moe_freq2", "moe", None),
     ]
@@ -81,7 +85,8 @@ def variants_section(
             "num_tokens_per_s": tps(r, num),
             "den_tokens_per_s": tps(r, den),
         }
-    names = [n for n in ("dense", "moe", "hybrid", "moe_top1", "moe_freq2") if n in r]
+    variants = ("dense", "moe", "hybrid", "moe_autoep", "hybrid_autoep", "moe_top1", "moe_freq2")
+    names = [n for n in variants if n in r]
     extra = {n: [m.extra for m in r[n]] for n in names}
     tel_rows = [
         [n, statistics.median(tps(r, n))]

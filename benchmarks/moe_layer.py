@@ -1,14 +1,19 @@
-"""MoE layer cost: DeepSpeed's MoE layer (through moelab.ds_moe.MoEFFN) forward+backward against a
-dense SwiGLU MLP with the same active FLOPs (hidden = top_k x expert hidden), one process.
+"""MoE layer cost: DeepSpeed's MoE layers forward+backward against a dense SwiGLU MLP with the
+same active FLOPs (hidden = top_k x expert hidden), one process. Two implementations:
+classic (deepspeed.moe through moelab.ds_moe.MoEFFN, capacity factor 1.25) and autoep
+(DeepSpeed AutoEP through moelab.autoep.AutoEPFFN, dropless; moe_layer_autoep.py).
 
-Grid: tokens per step x experts x top-1/top-2 x drop_tokens on/off; per cell the two are timed
+Grid: tokens per step x experts x top-k x (classic with drop_tokens on/off, autoep); per
+cell the layer and the dense MLP are timed
 alternately (A B A B) and the time ratio is the median of the per-pair ratios. Peak memory is
 the growth of the bytes malloc has in use (glibc's mallinfo2, read after every aten op of one
 fwd+bwd through a TorchDispatchMode; torch's CPU tensors are not seen by tracemalloc, and RSS
 does not fall when a tensor is freed); gradients from the previous pass are dropped first.
-Where the time ratio exceeds 1.3 the MoE pass is profiled once more with labelled phases
-(gate, dispatch = _sparse_encode, experts, combine = _sparse_decode; one process has no
-all-to-all) and the top operators by self time are kept.
+Where the time ratio exceeds 1.3 (classic) or 1.15 (autoep) the MoE pass is profiled once
+more with labelled phases (classic: gate, dispatch = _sparse_encode, experts, combine =
+_sparse_decode; autoep: router, permute + combine, grouped experts; one process has no
+all-to-all) and the top operators by self time are kept. A second table puts the two
+implementations side by side per (tokens, experts, top-k).
 
     PYTHONPATH=src:. DS_ACCELERATOR=cpu .venv/bin/python benchmarks/moe_layer.py [--quick]
 """
@@ -23,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +42,20 @@ from benchlib import (
     progress,
     record,
 )
+from moe_layer_autoep import autoep_ffn
+from moe_layer_autoep import profile_line as autoep_profile_line
+from moe_layer_autoep import where_time_goes as autoep_where_time_goes
+from moe_layer_report import (
+    AUTOEP_TARGET,
+    QUICK_FROM_TOKENS,
+    Variant,
+    classic_profile_line,
+    expert_scaling,
+    grid,
+    impl_table,
+    variant_label,
+    variants,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,7 +67,7 @@ from moelab.models.layers import SwiGLU
 
 D_MODEL, EXPERT_HIDDEN = 256, 512
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
-PROFILE_ABOVE = 1.3
+PROFILE_ABOVE = {"classic": 1.3, "autoep": AUTOEP_TARGET}
 
 
 def init_single_process() -> None:
@@ -62,10 +82,14 @@ def init_single_process() -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
-def build(experts: int, top_k: int, drop: bool) -> tuple[nn.Module, nn.Module]:
-    cfg = MoEConfig(num_experts=experts, top_k=top_k, drop_tokens=drop)
+def build(experts: int, top_k: int, drop: bool, impl: str) -> tuple[nn.Module, nn.Module]:
+    """The MoE FFN of `impl` (classic or autoep) and the dense SwiGLU of equal active FLOPs."""
     torch.manual_seed(0)
-    moe = moelab_moe.MoEFFN(D_MODEL, SwiGLU(D_MODEL, EXPERT_HIDDEN), cfg, layer_idx=0).train()
+    if impl == "autoep":
+        moe: nn.Module = autoep_ffn(D_MODEL, EXPERT_HIDDEN, experts, top_k)
+    else:
+        cfg = MoEConfig(num_experts=experts, top_k=top_k, drop_tokens=drop)
+        moe = moelab_moe.MoEFFN(D_MODEL, SwiGLU(D_MODEL, EXPERT_HIDDEN), cfg, layer_idx=0).train()
     dense = SwiGLU(D_MODEL, top_k * EXPERT_HIDDEN).train()
     return moe.to(DEVICE, DTYPE), dense.to(DEVICE, DTYPE)
 
@@ -184,8 +208,9 @@ def where_time_goes(moe: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {"phases_ms": phases, "top_ops_self_ms": top}
 
 
-def cell(tokens: int, experts: int, top_k: int, drop: bool, reps: int) -> dict[str, Any]:
-    moe, dense = build(experts, top_k, drop)
+def cell(tokens: int, experts: int, top_k: int, variant: Variant, reps: int) -> dict[str, Any]:
+    impl, drop = variant
+    moe, dense = build(experts, top_k, bool(drop), impl)
     x = torch.randn(1, tokens, D_MODEL, device=DEVICE, dtype=DTYPE, requires_grad=True)  # (B,T,D)
     run_moe, run_dense = (lambda: moe_step(moe, x)), (lambda: dense_step(dense, x))
     run_moe(), run_dense()  # warm-up
@@ -199,6 +224,8 @@ def cell(tokens: int, experts: int, top_k: int, drop: bool, reps: int) -> dict[s
         "tokens": tokens,
         "experts": experts,
         "top_k": top_k,
+        "impl": impl,
+        "layer_class": type(moe.block if impl == "autoep" else moe.layer).__name__,
         "drop_tokens": drop,
         "moe_s": t_moe,
         "dense_s": t_dense,
@@ -207,57 +234,60 @@ def cell(tokens: int, experts: int, top_k: int, drop: bool, reps: int) -> dict[s
         "dense_peak_mb": mem_dense / 2**20,
         "mem_ratio": mem_moe / mem_dense if mem_dense else float("nan"),
     }
-    if ratio > PROFILE_ABOVE:
-        out["profile"] = where_time_goes(moe, x)
+    if ratio > PROFILE_ABOVE[impl]:
+        out["profile"] = (
+            autoep_where_time_goes(moe, x, run_moe)  # type: ignore[arg-type]
+            if impl == "autoep"
+            else where_time_goes(moe, x)
+        )
     return out
 
 
-def profile_line(p: dict[str, Any]) -> str:
-    ph = p["phases_ms"]
-    fwd = ph.get("forward", 0.0) or 1.0
-    parts = ", ".join(
-        f"{k} {100 * ph.get(k, 0.0) / fwd:.0f}%" for k in ("gate", "dispatch", "experts", "combine")
-    )
-    ops = ", ".join(f"{name} {ms:.0f} ms" for name, ms in p["top_ops_self_ms"][:3])
-    fwd_ms, bwd_ms = ph.get("forward", 0.0), ph.get("backward", 0.0)
-    return f"fwd {fwd_ms:.0f} ms ({parts}; a2a 0), bwd {bwd_ms:.0f} ms; top ops: {ops}"
-
-
-def expert_scaling(cells: list[dict[str, Any]]) -> str:
-    """MoE time at each expert count relative to the fewest, per (tokens, top-k, drop): the
-    token count is fixed, so the expert FLOPs are too; growth is per-expert overhead."""
-    groups: dict[tuple[int, int, bool], dict[int, float]] = {}
-    for c in cells:
-        key = (c["tokens"], c["top_k"], c["drop_tokens"])
-        groups.setdefault(key, {})[c["experts"]] = statistics.median(c["moe_s"])
-    counts = sorted({c["experts"] for c in cells})
-    rows = []
-    for (tokens, k, drop), by_e in sorted(groups.items()):
-        if len(by_e) < 2:
-            continue
-        base = by_e[min(by_e)]
-        cols = [f"x{by_e[e] / base:.2f}" if e in by_e else "-" for e in counts]
-        rows.append([tokens, k, "on" if drop else "off", base * 1e3, *cols])
-    head = ["tokens", "top_k", "drop", f"ms at {counts[0]} experts", *(f"{e}" for e in counts)]
-    return format_table(head, rows)
-
-
-def main() -> None:
-    global DEVICE, DTYPE, D_MODEL, EXPERT_HIDDEN
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default="1024,4096,16384")
     p.add_argument("--experts", default="8,32,64")
+    p.add_argument("--top-k", default="1,2", help="comma list of top-k")
+    p.add_argument("--impls", default="classic,autoep", help="comma list: classic, autoep")
+    p.add_argument("--drop", default="on,off", help="classic's drop_tokens settings: on, off")
     p.add_argument("--reps", type=int, default=3, help="A B pairs per cell")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="16k tokens only at top-2 with drop_tokens on (subsampled grid)",
+        help=f"from {QUICK_FROM_TOKENS} tokens only top-2 with classic drop on and autoep",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--d-model", type=int, default=D_MODEL)
     p.add_argument("--expert-hidden", type=int, default=EXPERT_HIDDEN)
-    args = p.parse_args()
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSONL goes")
+    return p.parse_args(argv)
+
+
+def row(c: dict[str, Any]) -> list[Any]:
+    """One line of the per-cell table."""
+    if "profile" not in c:
+        prof = ""
+    elif c["impl"] == "autoep":
+        prof = autoep_profile_line(c["profile"])
+    else:
+        prof = classic_profile_line(c["profile"])
+    label = variant_label(c["impl"], c["drop_tokens"])
+    moe_ms, dense_ms = statistics.median(c["moe_s"]) * 1e3, statistics.median(c["dense_s"]) * 1e3
+    return [c["tokens"], c["experts"], c["top_k"], label, moe_ms, dense_ms, c["time_ratio"],
+            c["mem_ratio"], prof]  # fmt: skip
+
+
+HEAD = ["tokens", "experts", "top_k", "layer", "MoE ms", "dense ms", "time ratio",
+        "peak mem ratio", "where MoE time goes (classic > 1.3, autoep > 1.15)"]  # fmt: skip
+
+
+def main() -> None:
+    global DEVICE, DTYPE, D_MODEL, EXPERT_HIDDEN
+    args = parse_args()
+    cells_to_run = grid(
+        args.tokens, args.experts, args.top_k, variants(args.impls, args.drop), args.quick
+    )
     DEVICE = torch.device(args.device)
     DTYPE = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     D_MODEL, EXPERT_HIDDEN = args.d_model, args.expert_hidden
@@ -265,53 +295,21 @@ def main() -> None:
     init_single_process()
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     env = machine(device) | {"threads": torch.get_num_threads(), "dtype": args.dtype}
-    rows, cells = [], []
-    grid = [
-        (t, e, k, d)
-        for t in map(int, args.tokens.split(","))
-        for e in map(int, args.experts.split(","))
-        for k in (1, 2)
-        for d in (True, False)
-        if not (args.quick and t >= 16384 and (k, d) != (2, True))
-    ]
-    for i, (t, e, k, d) in enumerate(grid, 1):
-        c = cell(t, e, k, d, args.reps)
+    cells = []
+    for i, (t, e, k, v) in enumerate(cells_to_run, 1):
+        c = cell(t, e, k, v, args.reps)
         cells.append(c)
-        prof = profile_line(c["profile"]) if "profile" in c else ""
-        rows.append(
-            [
-                t,
-                e,
-                k,
-                "on" if d else "off",
-                statistics.median(c["moe_s"]) * 1e3,
-                statistics.median(c["dense_s"]) * 1e3,
-                c["time_ratio"],
-                c["mem_ratio"],
-                prof,
-            ]
-        )
         progress(
             i,
-            len(grid),
-            f"tokens {t} experts {e} top-{k} drop {d}: "
+            len(cells_to_run),
+            f"tokens {t} experts {e} top-{k} {variant_label(*v)}: "
             f"time x{c['time_ratio']:.2f} memory x{c['mem_ratio']:.2f}",
         )
     note_end_load(env)
-    head = [
-        "tokens",
-        "experts",
-        "top_k",
-        "drop",
-        "MoE ms",
-        "dense ms",
-        "time ratio",
-        "peak mem ratio",
-        "where MoE time goes (ratio > 1.3)",
-    ]
-    table = format_table(head, rows)
-    print(table)
+    table = format_table(HEAD, [row(c) for c in cells])
+    side = impl_table(cells)
     experts_table = expert_scaling(cells)
+    print(f"{table}\n\nLayer / dense time, implementations side by side:\n{side}")
     print(f"\nMoE fwd+bwd time vs experts at fixed tokens and top-k:\n{experts_table}")
     settings = {
         "d_model": D_MODEL,
@@ -319,18 +317,16 @@ def main() -> None:
         "reps": args.reps,
         "capacity_factor": MoEConfig().capacity_factor,
         "quick": args.quick,
+        "grid": {k: getattr(args, k) for k in ("tokens", "experts", "top_k", "impls", "drop")},
         "memory": "torch.cuda max_memory_allocated above the start"
         if DEVICE.type == "cuda"
         else "malloc bytes in use (mallinfo2) after each aten op of one fwd+bwd, above the "
         "weights (grads dropped first)",
     }
+    result = {"settings": settings, "table": table, "impl_table": side}
     append_jsonl(
-        RESULTS_DIR / ("moe_layer_gpu.jsonl" if DEVICE.type == "cuda" else "moe_layer.jsonl"),
-        record(
-            "moe_layer",
-            {"settings": settings, "table": table, "experts_table": experts_table, "cells": cells},
-            env,
-        ),
+        args.results_dir / ("moe_layer_gpu.jsonl" if DEVICE.type == "cuda" else "moe_layer.jsonl"),
+        record("moe_layer", result | {"experts_table": experts_table, "cells": cells}, env),
     )
 
 

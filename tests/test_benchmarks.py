@@ -105,6 +105,80 @@ def test_expert_scaling_table_is_relative_to_the_fewest_experts() -> None:
     assert "| 1024   | 2     | on   | 10" in table and "x1.50" in table and "x3.00" in table
 
 
+def test_layer_grid_variants_and_quick_subset() -> None:
+    """classic once per drop setting, autoep once (dropless); --quick keeps 16k tokens at
+    top-2 with classic drop on and autoep only."""
+    from moe_layer_report import grid, variants
+
+    vs = variants("classic,autoep", "on,off")
+    assert vs == [("classic", True), ("classic", False), ("autoep", None)]
+    assert variants("autoep", "on,off") == [("autoep", None)]
+    cells = grid("4096,16384", "8", "1,2", vs, quick=True)
+    assert len([c for c in cells if c[0] == 4096]) == 6
+    assert [c for c in cells if c[0] == 16384] == [
+        (16384, 8, 2, ("classic", True)),
+        (16384, 8, 2, ("autoep", None)),
+    ]
+    assert len(grid("4096,16384", "8", "1,2", vs, quick=False)) == 12
+    with pytest.raises(ValueError, match="--impls dropless"):
+        variants("classic,dropless", "on")
+    with pytest.raises(ValueError, match="--drop"):
+        variants("classic", "yes")
+
+
+def test_impl_table_puts_the_implementations_side_by_side() -> None:
+    from moe_layer_report import impl_table
+
+    def cell(impl: str, drop: bool | None, ratio: float, moe_s: float) -> dict[str, object]:
+        shape = {"tokens": 4096, "experts": 8, "top_k": 2}
+        return shape | {"impl": impl, "drop_tokens": drop, "time_ratio": ratio, "moe_s": [moe_s]}
+
+    table = impl_table([cell("classic", True, 1.3, 0.2), cell("autoep", None, 1.1, 0.15)])
+    row = table.splitlines()[2].replace(" ", "")
+    assert row == "|4096|8|2|1.3|n/a|1.1|0.75|ok|", table
+    miss = impl_table([cell("autoep", None, 1.2, 0.1)]).splitlines()[2].replace(" ", "")
+    assert miss.endswith("|1.2|n/a|MISS|"), miss
+
+
+def test_layer_benchmark_runs_both_implementations(tmp_path: Path) -> None:
+    """A tiny grid through moe_layer.py: AutoEP's layer is built by deepspeed.initialize (one
+    gloo rank) and timed beside the classic one; the record holds both cells and the table."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK"))}
+    env |= {"PYTHONPATH": f"{root / 'src'}:{root}", "DS_ACCELERATOR": "cpu"}
+    env["OMP_NUM_THREADS"] = "1"
+    args = [
+        "--tokens",
+        "64",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--drop",
+        "on",
+        "--reps",
+        "1",
+        "--d-model",
+        "32",
+        "--quick",
+    ]
+    args += ["--expert-hidden", "64", "--results-dir", str(tmp_path)]
+    cmd = [sys.executable, str(root / "benchmarks" / "moe_layer.py"), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (rec,) = benchlib.read_jsonl(tmp_path / "moe_layer.jsonl")
+    assert [(c["impl"], c["drop_tokens"]) for c in rec["cells"]] == [
+        ("classic", True),
+        ("autoep", None),
+    ]
+    assert [c["layer_class"] for c in rec["cells"]] == ["MoE", "AutoEPMoELayer"]
+    assert all(c["time_ratio"] > 0 and len(c["moe_s"]) == 1 for c in rec["cells"])
+    assert "autoep <= 1.15" in rec["impl_table"] and "| autoep " in rec["table"]
+
+
 # --- GPU smoke test (benchmarks/gpu_smoke.py) and its wheels (benchlib) ----------------------
 
 
