@@ -183,6 +183,13 @@ def validate_finetune(cfg: MoelabConfig) -> None:
         spec.mode == "all" or m.is_moe,
         f"train.trainable={t.trainable} needs an MoE model (model.ffn={m.ffn}); use all.",
     )
+    some = m.is_moe and len({spec.expert(e) for e in range(m.moe.total_experts)}) > 1
+    require(
+        not (some and m.moe.impl == "autoep"),
+        f"train.trainable={t.trainable} trains some experts of a layer, but "
+        "model.moe.impl=autoep fuses a layer's experts into tensors that train or freeze whole; "
+        "name every expert or none (router, dense_only), or use model.moe.impl=classic.",
+    )
     rank = finetune.zero_refusal(spec, m.moe.total_experts, cfg.ep_size) if m.is_moe else None
     require(
         cfg.zero.stage == 0 or rank is None,

@@ -26,6 +26,10 @@ BAD = [
         "model.moe.impl='megablocks' is not valid; use one of: classic, autoep.",
     ),
     (["model=tiny_pr_moe", "model.moe.impl=autoep"], "model.ffn=pr_moe runs on the classic"),
+    (
+        ["model=tiny_moe_top2", "model.moe.impl=autoep", "train.trainable=router+experts:0"],
+        "model.moe.impl=autoep fuses a layer's experts into tensors that train or freeze whole",
+    ),
     (["model=tiny_moe_top2", "model.moe.balance=bias"], "model.moe.balance=bias needs AutoEP"),
     (["model=tiny_moe_top2", "model.moe.balance=loss"], "model.moe.balance='loss' is not valid"),
     (
