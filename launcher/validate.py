@@ -81,6 +81,7 @@ BOUNDED_BY_RULE = (
     "train.stop_after",
     "train.fp16_initial_scale_power",
     "train.inject_hang_rank",
+    "train.inject_slow_rank",
     "cluster.master_port",
 )
 """Whole-number keys whose own rule bounds them from above (a set, a range or another key)."""
@@ -133,6 +134,7 @@ def validate_train(cfg: MoelabConfig) -> None:
     )
     validate_reliability(t)
     validate_hang(cfg)
+    validate_slow_rank(cfg)
 
 
 def validate_hang(cfg: MoelabConfig) -> None:
@@ -154,6 +156,20 @@ def validate_hang(cfg: MoelabConfig) -> None:
         0 <= t.inject_hang_rank < world,
         f"train.inject_hang_rank={t.inject_hang_rank} is not a rank of this {world}-rank run; "
         f"use 0 to {world - 1}.",
+    )
+
+
+def validate_slow_rank(cfg: MoelabConfig) -> None:
+    """The straggler fault injection: a rank of this run, a delay that is not negative."""
+    t, world = cfg.train, cfg.world_size
+    require(
+        -1 <= t.inject_slow_rank < world,
+        f"train.inject_slow_rank={t.inject_slow_rank} is not a rank of this {world}-rank run; "
+        f"use 0 to {world - 1}, or -1 for off.",
+    )
+    require(
+        t.inject_slow_ms >= 0,
+        f"train.inject_slow_ms={t.inject_slow_ms:g} is negative; use 0 or more milliseconds.",
     )
 
 

@@ -202,6 +202,18 @@ def test_wall_clock_axis_and_dense_dashes() -> None:
     assert cells["a2a %"] == ("-", "10.0%") and cells["eval loss"] == ("-", "-")
 
 
+def test_straggler_columns_show_the_usual_slowest_rank_and_the_lag() -> None:
+    two, one = fake_run("two ranks", False), fake_run("one rank", False)
+    two.history["perf/slowest_rank"] = [(2, 3.0), (4, 1.0), (6, 3.0), (8, 1.0), (10, 1.0)]
+    two.history["perf/straggler_lag"] = [(2, 0.5), (4, 0.1), (6, 0.3), (8, 0.1), (10, 0.0)]
+    table = compare.build_comparison([two, one])
+    cells = dict(zip(compare.headers(), zip(*compare.cells(table), strict=True), strict=True))
+    assert cells["slowest rank"] == ("1", "-"), "the rank of most windows; one rank: none"
+    # Every window counts, the first too: a straggler at start-up is still a straggler.
+    assert cells["lag max"] == ("50%", "-") and cells["lag mean"] == ("20%", "-")
+    assert compare.most_often([(2, 2.0), (4, 0.0)]) == 0.0, "a tie: the lowest rank"
+
+
 def test_labels_tell_runs_of_one_variant_apart() -> None:
     def run(variant: str, overrides: str) -> SimpleNamespace:
         tags = {"variant": variant, "moelab.sweep.overrides": overrides}

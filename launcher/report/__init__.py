@@ -72,7 +72,8 @@ def terminal_table(comparison: Comparison) -> str:
 
     lines = [
         format_table(cells(comparison), headers()),
-        "'-': not measured (dense: no MoE figures), or the run's loss curve starts past that x",
+        "'-': not measured (dense: no MoE figures; one rank: no straggler figures), or the "
+        "run's loss curve starts past that x",
         "",
         "losses read at equal x:",
     ]

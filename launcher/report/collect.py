@@ -27,6 +27,8 @@ HISTORY_KEYS = (
     "perf/tflops_per_device",
     "perf/mfu",
     "moe/a2a_fraction",
+    "perf/slowest_rank",
+    "perf/straggler_lag",
 )
 LAYER_KEY = re.compile(r"moe/layer_(\d+)/(a2a_ms|load_cv|drop_fraction)$")
 HEATMAP = re.compile(r"plots/expert_load_step(\d+)\.png$")

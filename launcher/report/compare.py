@@ -98,6 +98,16 @@ def mean_all(series: Series) -> float | None:
     return statistics.fmean(v for _, v in series) if series else None
 
 
+def max_all(series: Series) -> float | None:
+    return max(v for _, v in series) if series else None
+
+
+def most_often(series: Series) -> float | None:
+    """The value logged in the most windows (the lowest on a tie): the usual slowest rank."""
+    values = [v for _, v in series]
+    return min(set(values), key=lambda v: (-values.count(v), v)) if values else None
+
+
 @dataclass(frozen=True)
 class Column:
     """A table column: header, how it is shown, what it means (the page's notes)."""
@@ -127,6 +137,9 @@ COLUMNS = (
     Column("a2a %", "{:.1%}".format, "moe/a2a_fraction: all-to-all share of step time, mean"),
     Column("load CV", "{:.3f}".format, "moe/layer_i/load_cv, last window, mean over layers"),
     Column("dropped", "{:.2%}".format, "moe/layer_i/drop_fraction, mean over windows and layers"),
+    Column("slowest rank", "{:.0f}".format, "perf/slowest_rank in the most windows (1 rank: -)"),
+    Column("lag max", "{:.0%}".format, "perf/straggler_lag: slowest rank over median, max"),
+    Column("lag mean", "{:.0%}".format, "perf/straggler_lag, mean over all windows"),
 )
 STEADY_NOTE = "means over logging windows leave out the first one (start-up)"
 
@@ -159,6 +172,9 @@ def _row(run: RunData) -> dict[str, float | None]:
         "a2a %": steady(h.get("moe/a2a_fraction", [])) if run.is_moe else None,
         "load CV": layer_mean(run, "load_cv", last),
         "dropped": layer_mean(run, "drop_fraction", mean_all),
+        "slowest rank": most_often(h.get("perf/slowest_rank", [])),
+        "lag max": max_all(h.get("perf/straggler_lag", [])),
+        "lag mean": mean_all(h.get("perf/straggler_lag", [])),
     }
 
 

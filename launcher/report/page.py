@@ -43,7 +43,8 @@ def notes_html(comparison: Comparison) -> str:
     )
     at = "".join(f"<li>{html.escape(line)}</li>" for line in describe_x(comparison))
     return (
-        "<p class='note'>'-' = not measured for that run (a dense model has no MoE figures) "
+        "<p class='note'>'-' = not measured for that run (a dense model has no MoE figures, "
+        "a one-rank run no straggler figures) "
         "or, in a loss@ column, the run's first logged point lies past the common x (e.g. its "
         f"first window took longer than another run's whole training); {STEADY_NOTE}.</p>"
         f"<ul class='note'>{items}</ul>"

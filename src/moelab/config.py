@@ -165,6 +165,10 @@ class TrainConfig:
     """Fault injection: rank inject_hang_rank sleeps forever at this step (0 = off)."""
     inject_hang_rank: int = 1
     """The rank that hangs at inject_hang_step."""
+    inject_slow_rank: int = -1
+    """Fault injection: this rank sleeps inject_slow_ms before each micro-batch (-1 = off)."""
+    inject_slow_ms: float = 0.0
+    """Fault injection: milliseconds inject_slow_rank sleeps before each micro-batch."""
     fp16_initial_scale_power: int = 16
     """fp16 only: the dynamic loss scale starts at 2**this and halves on each overflow."""
     init_from: str | None = None

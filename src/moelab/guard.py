@@ -23,6 +23,7 @@ ZeRO's own (`engine.get_global_grad_norm()` is `inf` after a step it skipped).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -92,11 +93,20 @@ class StepGuard:
     business (it skips the step and halves the scale), so only a non-finite loss is a fault.
     """
 
-    def __init__(self, skip: bool, zero_stage: int, precision: str, inject_at: int = 0) -> None:
+    def __init__(
+        self, skip: bool, zero_stage: int, precision: str, inject_at: int = 0, slow_s: float = 0.0
+    ) -> None:
         self.guard = NonFiniteGuard(skip)
         self.zero_stage = zero_stage
         self.grads_are_faults = precision != "fp16"
         self.inject_at = inject_at
+        self.slow_s = slow_s
+
+    def straggle(self) -> None:
+        """Fault injection (train.inject_slow_rank): this rank sleeps before each micro-batch's
+        forward, as a rank with a slow input pipeline or host would."""
+        if self.slow_s:
+            time.sleep(self.slow_s)
 
     def inject(self, out: Any, step: int) -> Any:
         """Fault injection (train.inject_nonfinite_step): this step's loss becomes NaN."""
@@ -148,3 +158,8 @@ def nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Tens
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def injected_slow_s(inject_slow_rank: int, inject_slow_ms: float, rank: int) -> float:
+    """Seconds `rank` sleeps before each micro-batch (train.inject_slow_rank/_ms); 0 = off."""
+    return inject_slow_ms / 1e3 if rank == inject_slow_rank else 0.0

@@ -17,7 +17,7 @@ import torch
 from moelab import data, engine, finetune, hang, lifeline
 from moelab.checkpoint import BatchStream, Checkpointer, StopFlag
 from moelab.config import MoelabConfig, load_config, to_container
-from moelab.guard import NonFiniteError, StepGuard
+from moelab.guard import NonFiniteError, StepGuard, injected_slow_s
 from moelab.models import build_model
 from moelab.models.sizing import ParamCount, count_model_params
 from moelab.rundir import RunDir
@@ -50,6 +50,7 @@ def micro_step(
 ) -> None:
     """Forward and backward of one micro-batch. The output (with its B x T x V logits) is freed
     on return, before the next micro-step's forward."""
+    guard.straggle()
     ids = batch["input_ids"].to(ds_engine.device, non_blocking=True)  # (B, T), pinned on GPUs
     out = guard.inject(ds_engine(ids, labels=ids), step)
     ds_engine.backward(out.loss)
@@ -180,7 +181,8 @@ def loop(
     """Train from the restored step to cfg.train.steps, or until stopped (with a checkpoint);
     `dog` learns of every finished step."""
     t, stop, first = cfg.train, StopFlag(cfg.run_dir), state["step"] + 1
-    guard = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.precision, t.inject_nonfinite_step)
+    slow = injected_slow_s(t.inject_slow_rank, t.inject_slow_ms, info.rank)
+    guard = StepGuard(t.skip_nonfinite, cfg.zero.stage, t.precision, t.inject_nonfinite_step, slow)
     batches, val_loader = loaders(cfg, info, dsets, state["data"])
     for step in range(first, t.steps + 1):
         dog.inject(step)

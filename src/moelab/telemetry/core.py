@@ -14,7 +14,9 @@ rank builds one float64 vector of all of them on its device and the ranks exchan
 
 Time is measured per logging window, between two points where the device is synchronised
 (the first step's start and the logging step), so it stays true on a GPU whose kernels run
-ahead of the host; no step in between waits for the device on telemetry's behalf.
+ahead of the host; no step in between waits for the device on telemetry's behalf. Each
+rank's own time (`perf.OwnClock`: the time it did not spend waiting for its peers) rides in the
+same vector and names the slowest rank (`perf/slowest_rank`, `perf/straggler_lag`).
 
 It runs the same code on every rank (collectives included); only the sink is rank-gated.
 """
@@ -39,7 +41,7 @@ from moelab.flops import flops_per_token
 from moelab.telemetry import plots
 from moelab.telemetry.experts import MoeTelemetry
 from moelab.telemetry.losses import WIDTH, LossWindow, train_metrics
-from moelab.telemetry.perf import Peak, device_peak, perf_metrics
+from moelab.telemetry.perf import OwnClock, Peak, device_peak, perf_metrics, straggler_metrics
 from moelab.telemetry.sink import NullSink, Sink
 from moelab.telemetry.sysmetrics import start_system_metrics
 
@@ -72,8 +74,9 @@ def version_tags() -> dict[str, str]:
     return tags
 
 
-PERF_WIDTH = 3
-"""Perf columns of the gathered vector: window seconds, steps, peak device memory (GiB)."""
+PERF_WIDTH = 4
+"""Perf columns of the gathered vector: window seconds, steps, peak device memory (GiB), own
+seconds (`OwnClock`)."""
 
 
 class Telemetry:
@@ -88,7 +91,7 @@ class Telemetry:
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
         self.world_size, self.device = info.world_size, next(model.parameters()).device
         self.enabled, self.run_dir = self.tcfg.enabled, Path(cfg.run_dir)
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps, self.own_seconds = 0.0, 0, 0.0
         self.window_start: float | None = None  # perf_counter at the window's first step
         self.sample_start = 0.0  # perf_counter at the start of a sampled (MoE-timed) step
         self.history: list[tuple[int, torch.Tensor]] = []
@@ -101,6 +104,7 @@ class Telemetry:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelab-plots")
         self.pending: list[Future[None]] = []
         self.moe: MoeTelemetry | None = None
+        self.own: OwnClock | None = None  # the straggler measure
         self.monitor: Any = None
         if not self.enabled:
             return
@@ -110,6 +114,8 @@ class Telemetry:
         if cfg.model.is_moe:
             tokens = t.micro_batch_size * cfg.data.seq_len
             self.moe = MoeTelemetry(model, cfg.model.moe, tokens, info.ep_size, self.device)
+        first_moe = next(iter(self.moe.impl.moe_ffns(model)), None) if self.moe else None
+        self.own = OwnClock(model, first_moe, self.device)
         self._tags(info, self.peak)
         self._start_system_metrics(info)
 
@@ -149,6 +155,8 @@ class Telemetry:
             if self.moe.timing:  # a sampled step is timed on its own too: the a2a fraction
                 synchronize(self.device)
                 self.sample_start = time.perf_counter()
+        if self.own is not None:
+            self.own.open()
 
     def _sampled(self, step: int) -> bool:
         every = self.tcfg.moe_timing_every
@@ -162,6 +170,8 @@ class Telemetry:
         self.losses.on_micro_step(out)
         if self.moe is not None:
             self.moe.on_micro_step(getattr(out, "exp_counts", None))
+        if self.own is not None:  # the next micro-step's own time starts here
+            self.own.open()
 
     def step_loss(self) -> torch.Tensor:
         """The current step's summed loss on the device, for the non-finite guard."""
@@ -201,6 +211,8 @@ class Telemetry:
         synchronize(self.device)
         if self.window_start is not None:
             self.seconds = time.perf_counter() - self.window_start
+        if self.own is not None:
+            self.own_seconds = self.own.read_s()
         rows = gather_rows(self.window_vector()).cpu()
         metrics = self._collect(step, rows[:, WIDTH:]) if self.enabled else self._local_perf()
         metrics |= train_metrics(rows[:, :WIDTH], ds_engine)
@@ -221,13 +233,15 @@ class Telemetry:
 
     def window_vector(self) -> torch.Tensor:
         """This rank's window as one float64 vector on its device (what `maybe_log` gathers):
-        the loss part (`LossWindow.vector`), seconds, steps, peak device memory (GiB), then the
-        MoE part."""
+        the loss part (`LossWindow.vector`), seconds, steps, peak device memory (GiB), own
+        seconds, then the MoE part."""
         mem = 0.0
         if self.device.type == "cuda":  # the allocator's host-side counter: no device sync
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30
         head = torch.tensor(
-            [self.seconds, float(self.steps), mem], dtype=torch.float64, device=self.device
+            [self.seconds, float(self.steps), mem, self.own_seconds],
+            dtype=torch.float64,
+            device=self.device,
         )
         parts = [self.losses.vector(self.device), head]
         return torch.cat(parts if self.moe is None else [*parts, self.moe.vector()])
@@ -245,6 +259,7 @@ class Telemetry:
         )
         if self.device.type == "cuda":
             metrics["perf/device_mem_peak_gib"] = float(rows[:, 2].max())
+        metrics |= straggler_metrics((rows[:, 3] / rows[:, 1].clamp_min(1)).tolist())
         if self.moe is not None:
             moe = self.moe.metrics(rows[:, PERF_WIDTH:])
             self._plots(step, moe.pop("_shares"))

@@ -153,3 +153,72 @@ def perf_metrics(
         "perf/tflops_per_device": tflops,
         "perf/mfu": tflops / peak.tflops if peak.tflops > 0 else 0.0,
     }
+
+
+class OwnClock:
+    """This rank's own time per logging window: the straggler measure (`straggler_metrics`).
+
+    A span opens where the rank's step starts (`open`: at the step's start and after each
+    micro-step's backward, the points where the ranks last waited for each other) and closes
+    where its micro-step first waits for its peers: the entry of the first MoE layer, whose
+    all-to-all needs every rank of the group, or the end of a dense model's forward (the
+    gradient reduction follows in the backward). The time between is the rank's alone. Wall
+    time on a CPU; CUDA events on a GPU, read (synchronised) once per window by `read_s`, so a
+    slow device and a host that feeds its device late both count.
+    """
+
+    def __init__(self, model: Any, first_moe: Any | None, device: Any) -> None:
+        self.cuda = device.type == "cuda"
+        self.mark: Any = None  # the open span's start: perf_counter seconds or a CUDA event
+        self.seconds = 0.0
+        self.events: list[tuple[Any, Any]] = []
+        if first_moe is not None:
+            first_moe.register_forward_pre_hook(lambda mod, _: self._close(mod.training))
+        else:
+            model.register_forward_hook(lambda mod, _, __: self._close(mod.training))
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def open(self) -> None:
+        """A span starts (a previous open span that never closed is dropped)."""
+        self.mark = self._now()
+
+    def _close(self, training: bool) -> None:
+        # Eval forwards, and recomputed forwards of activation checkpointing, find no open span.
+        if not training or self.mark is None:
+            return
+        end, start, self.mark = self._now(), self.mark, None
+        if self.cuda:
+            self.events.append((start, end))
+        else:
+            self.seconds += end - start
+
+    def read_s(self) -> float:
+        """Own seconds since the last read (waits for the window's CUDA events), then reset."""
+        total = self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        self.seconds, self.events, self.mark = 0.0, [], None
+        return float(total)
+
+
+def straggler_metrics(own_s: list[float]) -> dict[str, float]:
+    """`perf/slowest_rank` and `perf/straggler_lag` from each rank's own time (`OwnClock`) per
+    step, indexed by global rank; {} for a single rank.
+
+    - `perf/slowest_rank`: the global rank with the most own time (the lowest such rank on a tie).
+    - `perf/straggler_lag`: its own time over the median rank's, minus 1 (0.25: 25 % slower);
+      with an even number of ranks the median rank is the lower of the two middle ones, so with
+      two ranks it is the other rank. 0 when the median rank measured no own time.
+    """
+    if len(own_s) < 2:
+        return {}
+    slowest = max(range(len(own_s)), key=lambda r: (own_s[r], -r))
+    median = sorted(own_s)[(len(own_s) - 1) // 2]
+    lag = own_s[slowest] / median - 1 if median > 0 else 0.0
+    return {"perf/slowest_rank": float(slowest), "perf/straggler_lag": lag}
