@@ -8,6 +8,7 @@ from pathlib import Path
 from launcher import tracking
 from launcher.backends import backend_for
 from launcher.backends.common import run_supervised
+from launcher.backends.slurm import Slurm
 from launcher.errors import ConfigError, fail
 from launcher.render import RunFiles
 from launcher.validate import validate_counts, validate_reliability
@@ -82,9 +83,12 @@ def resume(run_dir: Path, overrides: list[str]) -> int:
     uri, run_id = runref.read(run_dir)
     tracking.reopen_run(uri, run_id)
     run = tracking.PendingRun.existing(uri, run_id, run_dir)
+    print(f"moelab-launch: resuming from step {meta['step']}", flush=True)
+    backend = backend_for(cfg)
+    if isinstance(backend, Slurm):  # the same job.sbatch, submitted again
+        return backend.resume(cfg, RunFiles(paths, commands=[]), run)
     scripts = [paths.script, *node_scripts(paths)]
     files = RunFiles(paths, commands=[["bash", str(p)] for p in scripts])
-    print(f"moelab-launch: resuming from step {meta['step']}", flush=True)
     return run_supervised(cfg, files, run, resume=True)
 
 

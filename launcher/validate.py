@@ -83,6 +83,7 @@ BOUNDED_BY_RULE = (
     "train.inject_hang_rank",
     "train.inject_slow_rank",
     "cluster.master_port",
+    "cluster.slurm_signal_seconds",
 )
 """Whole-number keys whose own rule bounds them from above (a set, a range or another key)."""
 

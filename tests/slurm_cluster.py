@@ -146,7 +146,8 @@ def slurm_conf(d: Path, ports: list[int], net: NodeNetwork) -> str:
             f"ClusterName=moelab{os.getpid() % 10000}",
             f"SlurmctldHost={host}({net.controller})",
             "SlurmUser=root",
-            f"AuthInfo=socket={d}/munge.sock",
+            # cred_expire is also how long a requeued job waits to start again (default 120 s)
+            f"AuthInfo=socket={d}/munge.sock,cred_expire=20",
             f"SlurmctldPort={ports[0]}",
             f"StateSaveLocation={d}/state",
             f"SlurmdSpoolDir={d}/spool/%n",

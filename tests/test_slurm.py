@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ FAST = [
     *("telemetry.system_metrics=false", "telemetry.peak_tflops=1", "telemetry.heatmap_every=0"),
 ]
 MOE = ["model=tiny_moe_top2", "zero=stage2", "parallel=ep2", *FAST]
+LONG = ["train.steps=24", "train.log_every=1", "train.eval_every=12"]  # stopped mid-way below
 SLURM = [
     *("cluster=slurm", "cluster.nodes=2", "cluster.nproc_per_node=1", "cluster.slurm_time=10"),
     f"cluster.socket_ifname={IFNAME}",  # gloo between the nodes: over their link
@@ -109,7 +111,7 @@ def started(
     slurm: SlurmCluster, cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Job]]:
     """(a), (b) and (d) submitted at once: Slurm queues them and they overlap on the cores."""
-    specs = {"complete": [*SLURM, *MOE], "fail": [*SLURM, *MOE, *BAD_DATA], "sweep": SWEEP}
+    specs = {"complete": [*SLURM, *MOE, *LONG], "fail": [*SLURM, *MOE, *BAD_DATA], "sweep": SWEEP}
     jobs = {}
     try:
         for name, args in specs.items():
@@ -159,7 +161,74 @@ def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Job]) -
     assert "Couldn't find any data file at /nonexistent/moelab-data" in out
     (run,) = runs(started["fail"].workdir)
     assert run.info.status == "FAILED"
-    assert slurm.job_state(run.data.tags["slurm_job_id"])["JobState"] == "FAILED"
+    state = slurm.job_state(run.data.tags["slurm_job_id"])
+    assert (state["JobState"], state["Requeue"], state["Restarts"]) == ("FAILED", "1", "0"), (
+        "a requeueable job that failed on its own is not requeued"
+    )
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """train/loss of the one run in `workdir`, by step (every step is logged: LONG)."""
+    (run,) = runs(workdir)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+def follow_until(proc: subprocess.Popen[str], text: str) -> tuple[str, str]:
+    """Read the launcher's output up to the line with `text`: (that output, the Slurm job id)."""
+    assert proc.stdout is not None
+    seen, job_id = [], ""
+    for line in proc.stdout:
+        seen.append(line)
+        job_id = m[1] if (m := re.search(r"Slurm job (\d+)", line)) else job_id
+        if text in line:
+            break
+    assert text in "".join(seen), "".join(seen)[-4000:]
+    return "".join(seen), job_id
+
+
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(
+    slurm: SlurmCluster, started: dict[str, Job], cache: Path, tmp_path: Path
+) -> None:
+    """Stopped by train.stop_after, the run is resumed by `moelab-launch resume <run dir>` (a
+    new job from the same job.sbatch). That job gets USR1 as Slurm sends it before the time
+    limit (`--signal=B:USR1@...`: the batch shell only): the ranks checkpoint, the job requeues
+    itself, starts again and finishes; one MLflow run, the uninterrupted run's losses."""
+    code, out = finish(launch(slurm, tmp_path, cache, *SLURM, *MOE, *LONG, "train.stop_after=4"))
+    assert code == 0, out[-4000:]
+    (first,) = runs(tmp_path)
+    run_dir = Path(first.data.tags["run_dir"])
+    assert first.info.status == "KILLED" and f"moelab-launch resume {run_dir}" in out
+    proc = launch(slurm, tmp_path, cache, "resume", str(run_dir))
+    seen, job_id = follow_until(proc, "step 5 is the first this attempt computed")
+    signal_job = ["scancel", "--batch", "--signal=USR1", job_id]
+    assert subprocess.run(signal_job, env=slurm.env, timeout=60).returncode == 0
+    code, rest = finish(proc)
+    out = seen + rest
+    assert code == 0, out[-6000:]
+    (run,) = runs(tmp_path)
+    assert (run.info.run_id, run.info.status) == (first.info.run_id, "FINISHED")
+    assert run.data.tags["slurm_job_id"] == job_id and run.data.tags["moelab.requeues"] == "1"
+    state = slurm.job_state(job_id)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "1")
+    followed = [ln for ln in out.splitlines() if ln.startswith(f"moelab-launch: job {job_id} ")]
+    states = [ln.split()[3] for ln in followed]
+    assert "PENDING" in states[states.index("RUNNING") :], f"not followed across: {followed}"
+    assert states[-1] == "COMPLETED"
+    err = (run_dir / f"slurm-{job_id}.err").read_text()
+    assert f"job {job_id} got USR1" in err and f"requeueing job {job_id}" in err
+    node0 = (run_dir / "train-node0.log").read_text()  # three attempts, one log
+    assert node0.count("is the first this attempt computed") == 3, node0[-3000:]
+    if started["complete"].proc.returncode is None:
+        finish(started["complete"].proc)
+    reference, resumed = losses(started["complete"].workdir), losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 25)), "every step logged once, none lost"
+    worst = max(abs(resumed[s] - reference[s]) for s in reference)
+    assert worst <= 1e-6, f"losses differ from the uninterrupted run's by up to {worst:.2e}"
 
 
 @pytest.mark.slow
@@ -243,16 +312,25 @@ def test_job_sbatch_rendered(tmp_path: Path) -> None:
         "#SBATCH --qos=high",
         f"#SBATCH --output={tmp_path}/slurm-%j.out",
         f"#SBATCH --error={tmp_path}/slurm-%j.err",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "trap on_stop USR1",
+        f"  python -m launcher.slurm_job requeue {tmp_path} && exit 0",
     ):
         assert line in text.splitlines(), line
     assert "2 nodes x 4 ranks per node = world size 8" in text
     assert '--node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR"' in text
     assert files.command == ["sbatch", "--parsable", str(tmp_path / "job.sbatch")]
-    assert "launcher.backends.sbatch end-run" not in text  # followed: the launcher ends the run
+    assert "launcher.slurm_job end-run" not in text  # followed: the launcher ends the run
     cfg.cluster.wait = False
     render(cfg, tmp_path)
-    epilogue = f"python -m launcher.backends.sbatch end-run {tmp_path} $code"
+    epilogue = f"python -m launcher.slurm_job end-run {tmp_path} $code"
     assert epilogue in (tmp_path / "job.sbatch").read_text()
+    cfg.cluster.slurm_requeue = False
+    render(cfg, tmp_path)
+    text = (tmp_path / "job.sbatch").read_text()
+    assert "#SBATCH --no-requeue" in text and "--signal" not in text and "trap" not in text
 
 
 BAD = [
@@ -260,6 +338,9 @@ BAD = [
     (["cluster.world_size=4"], "cluster.world_size=4 is not cluster.nodes x ranks per node"),
     (["cluster.slurm_extra=['--nodes=4']"], "entry '--nodes=4' sets what moelab renders"),
     (["cluster.slurm_extra=['qos=high']"], "entry 'qos=high' is not an sbatch option"),
+    (["cluster.slurm_extra=['--signal=B:USR2@60']"], "sets what moelab renders itself"),
+    (["cluster.slurm_signal_seconds=600"], "slurm_signal_seconds=600 must be at least 1 and below"),
+    (["cluster.slurm_signal_seconds=0"], "slurm_signal_seconds=0 must be at least 1"),
 ]
 
 
@@ -309,7 +390,7 @@ def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
     from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
 
     from launcher.backends import render
-    from launcher.backends.sbatch import node_args
+    from launcher.slurm_job import node_args
 
     cfg = to_schema(compose_config([*SLURM, *MOE, "cluster.gpus_per_node=2"]))
     validate(cfg)
@@ -317,7 +398,7 @@ def test_node_step_prepares_then_keeps_slurms_gpus(tmp_path: Path) -> None:
     step = next(ln for ln in (tmp_path / "job.sbatch").read_text().splitlines() if "srun " in ln)
     assert (
         f"python -m moelab.datacache --config {tmp_path}/config.yaml && exec "
-        f"python -m launcher.backends.sbatch node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
+        f"python -m launcher.slurm_job node {tmp_path}/hostfile.slurm deepspeed --no_ssh "
     ) in step
     hostfile = tmp_path / "hostfile.slurm"  # what the job writes from its node list
     hostfile.write_text("n1 slots=2\nn2 slots=2\n")
@@ -338,7 +419,7 @@ print(f"rank {os.environ['RANK']} local {os.environ['LOCAL_RANK']} "
 
 @pytest.mark.slow
 def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
-    """The real per-node chain on node 1 of two (no Slurm needed): `launcher.backends.sbatch
+    """The real per-node chain on node 1 of two (no Slurm needed): `launcher.slurm_job
     node` then DeepSpeed's runner and per-node launcher start 2 ranks that see
     CUDA_VISIBLE_DEVICES=2,3, what Slurm set for the node, where DeepSpeed alone would set 0,1."""
     from helpers import REPO, free_port
@@ -351,7 +432,7 @@ def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
     node = [
         sys.executable,
         "-m",
-        "launcher.backends.sbatch",
+        "launcher.slurm_job",
         "node",
         str(tmp_path / "hostfile.slurm"),
     ]

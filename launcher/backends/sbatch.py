@@ -1,13 +1,12 @@
-"""cluster=slurm's batch script (job.sbatch) and the commands it runs on the nodes.
+"""cluster=slurm's batch script (job.sbatch).
 
 The job runs one `deepspeed --no_ssh --node_rank=$SLURM_NODEID` per node through `srun`,
 after preparing the data on that node; each starts that node's ranks on the GPUs Slurm gave
 the node (its CUDA_VISIBLE_DEVICES). DeepSpeed's own `--launcher=slurm` is not used: it runs
 `srun python -u <script>` (no `--module`) and leaves RANK/MASTER_ADDR to MPI discovery.
 
-On the nodes: `python -m launcher.backends.sbatch node <hostfile> deepspeed ...` adds the
-node's hostfile and GPUs; `... end-run <run dir> <code>` ends the MLflow run of a job nobody
-follows.
+What the script runs on the nodes besides deepspeed (this node's hostfile and GPUs, the
+requeue after Slurm's signal, the end of an unfollowed run) is `launcher.slurm_job`.
 """
 
 from __future__ import annotations
@@ -17,19 +16,24 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from launcher.errors import ConfigError
 from launcher.render import RunFiles, train_args
-from moelab import runref
+from launcher.slurm_job import MODULE
 from moelab.config import MoelabConfig
 from moelab.rundir import RunDir
 
 TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
 OWN_OPTIONS = ("-N", "--nodes", "-n", "--ntasks", "--ntasks-per-node", "-o", "--output", "-e",
-               "--error", "-p", "--partition", "-t", "--time", "-A", "--account")  # fmt: skip
+               "--error", "-p", "--partition", "-t", "--time", "-A", "--account", "--signal",
+               "--requeue", "--no-requeue", "--open-mode")  # fmt: skip
 """sbatch options job.sbatch sets from cluster.* (an extra line must not contradict them)."""
-MODULE = "launcher.backends.sbatch"
+STOP_SIGNAL = "USR1"
+"""What Slurm sends the batch shell (only: `B:`) cluster.slurm_signal_seconds before the limit."""
+
+
+def requeue_options(seconds: int) -> list[str]:
+    """sbatch options of a requeueable job: requeue allowed, the early signal to the batch shell."""
+    return ["--requeue", f"--signal=B:{STOP_SIGNAL}@{seconds}"]
 
 
 def minutes(limit: str) -> int | None:
@@ -59,9 +63,11 @@ def sbatch_header(cfg: MoelabConfig, run_dir: Path) -> list[str]:
         f"--time={c.slurm_time}",
         f"--output={paths.slurm_output('%j')}",
         f"--error={paths.slurm_output('%j', 'err')}",
+        "--open-mode=append",  # a requeued job (same id) adds to its logs
         *([f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []),
         *([f"--partition={c.slurm_partition}"] if c.slurm_partition else []),
         *([f"--account={c.slurm_account}"] if c.slurm_account else []),
+        *(requeue_options(c.slurm_signal_seconds) if c.slurm_requeue else ["--no-requeue"]),
         *c.slurm_extra,
     ]
     return [f"#SBATCH {line}" for line in lines]
@@ -81,44 +87,6 @@ def node_step(cfg: MoelabConfig, run_dir: Path) -> str:
     )
 
 
-def node_args(hostfile: Path, node_rank: int, visible: str | None) -> list[str]:
-    """deepspeed's --hostfile (and --include) for node `node_rank` of the job.
-
-    DeepSpeed hands a node's ranks the hostfile's slots 0..N-1 as CUDA_VISIBLE_DEVICES. When
-    Slurm named the node's GPUs (`visible`, physical ids) this node's slots are those ids
-    instead: a copy of the hostfile wide enough for them, and an --include with every node's
-    slots (the other nodes' count is all that matters here; each node picks its own ids).
-    """
-    if not visible:
-        return [f"--hostfile={hostfile}"]
-    hosts = [line.split() for line in hostfile.read_text().splitlines() if line.strip()]
-    per_node = int(hosts[node_rank][1].removeprefix("slots="))
-    ids = [d.strip() for d in visible.split(",") if d.strip()]
-    if len(ids) < per_node or not all(d.isdigit() for d in ids):
-        raise ConfigError(
-            f"node {hosts[node_rank][0]} has CUDA_VISIBLE_DEVICES={visible}, not {per_node} GPU "
-            "indices; request cluster.gpus_per_node GPUs per node for cluster.nproc_per_node ranks."
-        )
-    ids = ids[:per_node]
-    own = RunDir(hostfile.parent).slurm_node_hostfile(node_rank)
-    width = max(per_node, *(int(d) + 1 for d in ids))
-    own.write_text("".join(f"{h[0]} slots={width}\n" for h in hosts))
-    every = ",".join(str(i) for i in range(per_node))
-    slots = [f"{h[0]}:{','.join(ids) if n == node_rank else every}" for n, h in enumerate(hosts)]
-    return [f"--hostfile={own}", f"--include={'@'.join(slots)}"]
-
-
-def exec_node(hostfile: Path, command: list[str]) -> NoReturn:
-    """Run `command` (deepspeed ...) with this node's node_args; Slurm's variables say which."""
-    env = dict(os.environ)
-    visible = env.pop("CUDA_VISIBLE_DEVICES", None)  # DeepSpeed sets the ranks' own
-    try:
-        args = node_args(hostfile, int(env["SLURM_NODEID"]), visible)
-    except ConfigError as err:
-        sys.exit(f"moelab: error: {err}")
-    os.execvpe(command[0], [command[0], *args, *command[1:]], env)
-
-
 def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
     """<run dir>/job.sbatch: the allocation, the ranks' environment and the srun step."""
     c, run_dir = cfg.cluster, files.run_dir
@@ -127,7 +95,7 @@ def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
         env.pop("OMP_NUM_THREADS", None)
     srun = [
         *("srun", "--ntasks-per-node=1", f"--nodes={c.nodes}", f"--ntasks={c.nodes}"),
-        *("--kill-on-bad-exit=1", f"--output={files.paths.node_log('%n')}"),
+        *("--kill-on-bad-exit=1", f"--output={files.paths.node_log('%n')}", "--open-mode=append"),
     ]
     lines = [
         "#!/usr/bin/env bash",
@@ -150,33 +118,36 @@ def write_sbatch(files: RunFiles, cfg: MoelabConfig) -> Path:
         'MASTER_ADDR=$(scontrol -o show node "${NODES[0]}" |'
         ' sed -n "s/.* NodeAddr=\\([^ ]*\\).*/\\1/p")',
         "export MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}",
-        f"{shlex.join(srun)} bash -c {shlex.quote(node_step(cfg, run_dir))}",
+        *run_step(cfg, files, f"{shlex.join(srun)} bash -c {shlex.quote(node_step(cfg, run_dir))}"),
     ]
     if not c.wait:  # nobody follows the job: it ends its MLflow run itself
-        lines[-1] = f"set +e; {lines[-1]}"
-        lines += [
-            "code=$?",
-            f"python -m {MODULE} end-run {shlex.quote(str(run_dir))} $code || true",
-            "exit $code",
-        ]
-    files.paths.sbatch.write_text("\n".join(lines) + "\n")
+        lines.append(f"python -m {MODULE} end-run {shlex.quote(str(run_dir))} $code || true")
+    files.paths.sbatch.write_text("\n".join([*lines, "exit $code"]) + "\n")
     return files.paths.sbatch
 
 
-def end_run(run_dir: Path, code: int) -> None:
-    """The job's last step when nobody follows it: end its MLflow run by its exit code."""
-    from launcher import tracking
-
-    uri, run_id = runref.read(run_dir)
-    tracking.end_run(uri, run_id, "FINISHED" if code == 0 else "FAILED")
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["node"] and len(sys.argv) > 3:
-        exec_node(Path(sys.argv[2]), sys.argv[3:])
-    if sys.argv[1:2] != ["end-run"] or len(sys.argv) != 4:
-        sys.exit(
-            f"usage: python -m {MODULE} end-run <run dir> <exit code>\n"
-            f"       python -m {MODULE} node <hostfile> deepspeed <args>"
-        )
-    end_run(Path(sys.argv[2]), int(sys.argv[3]))
+def run_step(cfg: MoelabConfig, files: RunFiles, step: str) -> list[str]:
+    """The srun step, its exit code in $code. With cluster.slurm_requeue the step runs in the
+    background so that the signal's trap runs at once (bash defers traps while a foreground
+    command runs): it writes the run's stop request, the ranks finish their step and
+    checkpoint, and the job requeues itself if the run is unfinished (`requeue` below)."""
+    if not cfg.cluster.slurm_requeue:
+        return ["set +e", step, "code=$?"]
+    stop, run_dir = shlex.quote(str(files.paths.stop_request)), shlex.quote(str(files.run_dir))
+    said = (
+        f"moelab: job $SLURM_JOB_ID got {STOP_SIGNAL} (time limit or preemption ahead): the "
+        "ranks stop after this step with a checkpoint, then the job requeues"
+    )
+    return [
+        f"rm -f {stop}  # a stop request of the attempt before a requeue",
+        "STOPPED=0 SIGNALED=0",
+        f'on_stop() {{ STOPPED=1 SIGNALED=1; echo "{said}" >&2; touch {stop}; }}',
+        f"trap on_stop {STOP_SIGNAL}",
+        "set +e",
+        f"{step} &",
+        "pid=$!",
+        "while :; do SIGNALED=0; wait $pid; code=$?; [ $SIGNALED = 1 ] || break; done",
+        'if [ "$STOPPED" = 1 ] && [ "$code" = 0 ]; then',
+        f"  python -m {MODULE} requeue {run_dir} && exit 0",
+        "fi",
+    ]

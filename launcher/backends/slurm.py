@@ -1,6 +1,7 @@
 """cluster=slurm: check the job against the cluster, render job.sbatch, submit, follow, cancel.
 
-What the job itself runs is in `launcher.backends.sbatch`.
+The job script is rendered by `launcher.backends.sbatch`; what it runs on the nodes besides
+deepspeed is `launcher.slurm_job`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from launcher.hostfile import Resources
 from launcher.jobs import JobOutcome
 from launcher.render import RunFiles, render_run_dir, write_scripts
 from launcher.rules import require
+from launcher.slurm_job import ended_status
 from launcher.tracking import PendingRun
+from moelab.checkpoint import read_meta
 from moelab.config import MoelabConfig
 
 JOB_TAG = "slurm_job_id"
@@ -104,11 +107,13 @@ def exit_code(fields: dict[str, str]) -> int:
 
 
 class LogTail:
-    """Copies new complete lines of a growing file to the terminal and to a mirror file."""
+    """Copies new complete lines of a growing file to the terminal and to a mirror file
+    (`append`: only what is added from now on, the mirror appended to: a resumed run)."""
 
-    def __init__(self, path: Path, mirror: Path) -> None:
-        self.path, self.offset, self.rest = path, 0, b""
-        self.mirror: IO[bytes] = mirror.open("wb")
+    def __init__(self, path: Path, mirror: Path, append: bool = False) -> None:
+        self.offset = path.stat().st_size if append and path.exists() else 0
+        self.path, self.rest = path, b""
+        self.mirror: IO[bytes] = mirror.open("ab" if append else "wb")
 
     def pump(self, final: bool = False) -> None:
         if not self.path.exists():
@@ -144,9 +149,10 @@ def ask_cancel(job_id: str) -> bool:
     return answer in ("y", "yes")
 
 
-def follow(job_id: str, files: RunFiles) -> tuple[str, int, bool]:
-    """Stream node 0's log until the job has left the queue: (state, exit code, cancelled)."""
-    tail = LogTail(files.paths.node_log(0), files.log)
+def follow(job_id: str, files: RunFiles, append: bool = False) -> tuple[str, int, bool]:
+    """Stream node 0's log until the job has left the queue (a requeued job stays in it):
+    (state, exit code, cancelled)."""
+    tail = LogTail(files.paths.node_log(0), files.log, append)
     signals: list[int] = []
 
     def note(signum: int, _frame: FrameType | None) -> None:
@@ -189,10 +195,10 @@ def show_errors(files: RunFiles, job_id: str, lines: int = 30) -> None:
             print(f"moelab-launch: {path.name} ends with:\n{tail}", file=sys.stderr, flush=True)
 
 
-def status_of(state: str, code: int, cancelled: bool) -> str:
+def status_of(state: str, code: int, cancelled: bool, run_dir: Path) -> str:
     if cancelled or state == "CANCELLED":
         return "KILLED"
-    return "FINISHED" if code == 0 and state == "COMPLETED" else "FAILED"
+    return ended_status(run_dir, code == 0 and state == "COMPLETED")
 
 
 class Slurm:
@@ -200,6 +206,7 @@ class Slurm:
 
     def __init__(self) -> None:
         self.job_id: str | None = None
+        self.append = False
 
     def resolve_hosts(self, cfg: MoelabConfig) -> Resources | None:
         """None: the nodes are Slurm's to pick (cluster.nodes of them)."""
@@ -213,6 +220,13 @@ class Slurm:
             f"({c.nodes} x {c.nproc_per_node}), the size the job starts; drop "
             "cluster.world_size.",
         )
+        limit = minutes(c.slurm_time) or 0
+        require(
+            not c.slurm_requeue or 0 < c.slurm_signal_seconds < min(limit * 60, 65536),
+            f"cluster.slurm_signal_seconds={c.slurm_signal_seconds} must be at least 1 and below "
+            f"the time limit cluster.slurm_time={c.slurm_time} in seconds (and 65536); pick a "
+            "smaller value.",
+        )
         for line in c.slurm_extra:
             require(
                 line.startswith("-") and "\n" not in line,
@@ -221,7 +235,8 @@ class Slurm:
             require(
                 option_name(line) not in OWN_OPTIONS,
                 f"cluster.slurm_extra entry {line!r} sets what moelab renders itself; use "
-                "cluster.nodes, cluster.nproc_per_node, cluster.slurm_time/partition/account.",
+                "cluster.nodes, cluster.nproc_per_node, cluster.slurm_time/partition/account/"
+                "requeue/signal_seconds.",
             )
 
     def preflight(self, cfg: MoelabConfig) -> None:
@@ -264,13 +279,21 @@ class Slurm:
             log = files.paths.node_log(0)
             print(f"moelab-launch: submitted; logs: {log}; cancel: scancel {job_id}", flush=True)
             return None, 0
-        state, code, cancelled = follow(job_id, files)
-        status = status_of(state, code, cancelled)
+        state, code, cancelled = follow(job_id, files, self.append)
+        status = status_of(state, code, cancelled, files.run_dir)
         code = 128 + signal.SIGINT if cancelled else code
         if status == "FAILED":
             print(f"moelab-launch: job {job_id} {state} (exit code {code})", file=sys.stderr)
             show_errors(files, job_id)
+        if status != "FINISHED" and read_meta(files.run_dir):
+            print(f"moelab-launch: resume with: moelab-launch resume {files.run_dir}", flush=True)
         return status, code
+
+    def resume(self, cfg: MoelabConfig, files: RunFiles, run: PendingRun) -> int:
+        """Submit the run dir's job.sbatch again into the same MLflow run; the job resumes from
+        the latest checkpoint (train.resume) and adds to the logs of the earlier jobs."""
+        self.append = True
+        return self.run(cfg, files, run)
 
     def end(
         self,

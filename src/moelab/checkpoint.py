@@ -208,10 +208,15 @@ class Checkpointer:
     def __init__(self, cfg: MoelabConfig, world_size: int, ep_size: int, rank: int) -> None:
         self.cfg, self.dir = cfg, RunDir(cfg.run_dir).checkpoints
         self.world_size, self.ep_size, self.rank = world_size, ep_size, rank
+        self.resumed = False
 
     def due(self, step: int, stopping: bool) -> bool:
-        every = self.cfg.train.checkpoint_every
-        return stopping or bool(every and (step % every == 0 or step == self.cfg.train.steps))
+        """A stop, every checkpoint_every steps, and the last step of a run that checkpoints
+        or was resumed (meta.json then says the run is finished, not stopped)."""
+        every, last = self.cfg.train.checkpoint_every, step == self.cfg.train.steps
+        return (
+            stopping or bool(every and step % every == 0) or (last and bool(every or self.resumed))
+        )
 
     def save(self, ds_engine: Any, step: int, stream: BatchStream) -> None:
         import torch.distributed as dist
@@ -262,6 +267,7 @@ class Checkpointer:
         if path is None:
             raise RuntimeError(f"could not load checkpoint {meta['tag']} from {self.dir}.")
         set_rng_state(state["rng"][self.rank])
+        self.resumed = True
         out = dict(state) | {"tag": meta["tag"]}
         if restart:
             out["optimizer"] = f"restarted (ep_size {meta['ep_size']} -> {self.ep_size})"

@@ -223,6 +223,10 @@ class ClusterConfig:
     """Slurm account to charge (sbatch --account); null = your default account."""
     slurm_extra: list[str] = field(default_factory=list)
     """Extra sbatch options, one `#SBATCH` line each, e.g. ["--qos=high", "--exclusive"]."""
+    slurm_requeue: bool = True
+    """Slurm: on the time-limit/preemption signal, checkpoint and requeue the job (--requeue)."""
+    slurm_signal_seconds: int = 120
+    """Slurm: seconds before the time limit that the batch script gets USR1 (--signal)."""
     wait: bool = True
     """Slurm: follow the job until it ends and exit with its code (false: return at submit)."""
     timeout_minutes: int = 30

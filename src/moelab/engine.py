@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from moelab import dscompat, shapes
 
+REQUEUES_TAG = "moelab.requeues"
+"""Times Slurm requeued the job this run lives in (cluster.slurm_requeue; unset if never)."""
+
 if TYPE_CHECKING:
     import torch
 
@@ -179,7 +182,8 @@ def optimizer_name(ds_engine: Any) -> str:
 
 
 def run_tags(ds_engine: Any) -> dict[str, str]:
-    """Where this rank ran: device, DeepSpeed accelerator, process-group backend, optimizer."""
+    """Where this rank ran: device, DeepSpeed accelerator, process-group backend, optimizer;
+    in a Slurm job that was requeued, how often (`moelab.requeues`, Slurm's restart count)."""
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -193,7 +197,7 @@ def run_tags(ds_engine: Any) -> dict[str, str]:
         "dist_backend": str(dist.get_backend()),
         "params_device": str(next(ds_engine.module.parameters()).device),
         "moelab.optimizer": optimizer_name(ds_engine),
-    }
+    } | ({REQUEUES_TAG: restarts} if (restarts := os.environ.get("SLURM_RESTART_COUNT")) else {})
 
 
 def experts_all_frozen(model: torch.nn.Module) -> bool:
