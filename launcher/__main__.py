@@ -4,6 +4,7 @@ moelab-launch model=tiny_moe_top2 zero=stage2 parallel=ep2
 moelab-launch -m model=tiny_dense,tiny_moe_top1,tiny_moe_top2,tiny_arctic
 moelab-launch ... launch.dry_run=true     # render and print, run nothing
 moelab-launch resume <run dir> [train.stop_after=N]   # continue from its latest checkpoint
+moelab-launch resume <sweep dir>   # every unfinished job of a sweep, under its parent run
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from launcher.errors import ConfigError, fail
 from launcher.hostfile import Resources
 from launcher.jobs import JobOutcome
 from launcher.resume import resume
+from launcher.resume_sweep import is_sweep_dir, resume_sweep
 from launcher.start import record_invalid, start_run
 from launcher.validate import validate, validate_runs_root
 from moelab import hang
@@ -132,8 +134,10 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if sys.argv[1:2] == ["resume"]:
         if len(sys.argv) < 3:
-            fail("usage: moelab-launch resume <run dir> [train.stop_after=N ...]")
+            fail("usage: moelab-launch resume <run dir | sweep dir> [train.stop_after=N ...]")
         started, run_dir = time.time(), Path(sys.argv[2]).resolve()
+        if is_sweep_dir(run_dir):
+            raise SystemExit(resume_sweep(run_dir, sys.argv[3:]))
         code = resume(run_dir, sys.argv[3:])
         if code != 0:
             message = f"resumed run stopped with code {code}; see {RunDir(run_dir).log}"
