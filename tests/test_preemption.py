@@ -206,6 +206,8 @@ def assert_resumed_from(attempt: Attempt, step: int | None) -> None:
     assert step is not None, "the attempt before left no checkpoint"
     assert attempt.tags.get(RESUMED_TAG) == str(step), (attempt.tags, attempt.tail())
     assert resumed_line(step) in attempt.train_log, attempt.tail()
+    assert "moelab.resume_optimizer" not in attempt.tags, "the optimizer state was loaded"
+    assert "optimizer restarted" not in attempt.train_log
 
 
 @pytest.mark.slow

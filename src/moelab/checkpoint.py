@@ -202,6 +202,10 @@ class StopFlag:
         return torch.full((1,), float(self.raised), device=device)  # a fill: no host copy
 
 
+CLIENT_KEYS = ("step", "tokens", "rng", "data")
+"""What moelab saves in a checkpoint's client state."""
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints (every rank holds one; all call each method)."""
 
@@ -226,6 +230,7 @@ class Checkpointer:
         tag = f"global_step{step}"
         state = {"step": step, "tokens": step * self._tokens_per_step(), "rng": rngs}
         state |= {"data": stream.position()}
+        assert set(state) == set(CLIENT_KEYS)
         # save_latest=False: DeepSpeed's rank 0 would write `latest` before the other ranks'
         # shards are done; save_checkpoint ends with a barrier, after which all are on disk.
         ds_engine.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
@@ -268,7 +273,9 @@ class Checkpointer:
             raise RuntimeError(f"could not load checkpoint {meta['tag']} from {self.dir}.")
         set_rng_state(state["rng"][self.rank])
         self.resumed = True
-        out = dict(state) | {"tag": meta["tag"]}
+        # Without ZeRO, DeepSpeed's client state also holds its own entries ("optimizer": the
+        # whole optimizer state): keep moelab's.
+        out = {k: state[k] for k in CLIENT_KEYS if k in state} | {"tag": meta["tag"]}
         if restart:
             out["optimizer"] = f"restarted (ep_size {meta['ep_size']} -> {self.ep_size})"
         return out
