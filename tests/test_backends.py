@@ -91,7 +91,9 @@ def test_running_renders_nothing_again(
     monkeypatch.setattr(tracking, "end_run", lambda *args: None)
     monkeypatch.setattr(tracking, "mlflow_client", lambda uri: FakeClient())
     monkeypatch.setattr(slurm_backend, "submit", lambda script: "42")
-    monkeypatch.setattr(slurm_backend, "follow", lambda job_id, files: ("COMPLETED", 0, False))
+    monkeypatch.setattr(
+        slurm_backend, "follow", lambda job_id, files, append: ("COMPLETED", 0, False)
+    )
     writes = Writes(monkeypatch)
     run = PendingRun.existing("sqlite:///x.db", "run-1", files.run_dir)
     assert chosen.run(cfg, files, run) == 0
