@@ -156,10 +156,17 @@ def stream(proc: subprocess.Popen[bytes], files: RunFiles, append: bool) -> None
 
 
 def prepare_data(files: RunFiles, append: bool) -> int:
-    """Tokenize and cache the corpus on this host before any rank starts (`python -m
-    moelab.datacache`, which returns at once when the cache's receipt holds; the ranks only load
-    the cache), its output the start of train.log; the exit code, 128 + SIGINT on Ctrl-C."""
+    """Tokenize and cache the corpus on this host before any rank starts (the cache's receipt
+    checked here, else `python -m moelab.datacache`; the ranks only load the cache), its output
+    the start of train.log; the exit code, 128 + SIGINT on Ctrl-C."""
     received.clear()
+    cached = cached_data(files.paths.config)
+    if cached is not None:  # no interpreter to start: the receipt holds
+        with files.log.open("ab" if append else "wb") as log:
+            for out in (sys.stdout.buffer, log):
+                out.write(cached.encode())
+                out.flush()
+        return 0
     config = str(files.paths.config)
     command = [sys.executable, "-m", "moelab.datacache", "--config", config]
     proc = subprocess.Popen(
@@ -172,3 +179,21 @@ def prepare_data(files: RunFiles, append: bool) -> int:
         proc.wait()
         received.append(signal.SIGINT)
         return 128 + signal.SIGINT
+
+
+def cached_data(config: Path) -> str | None:
+    """moelab.datacache's lines for a run whose data the cache's receipt says is prepared;
+    None when the data must be prepared (or the check cannot tell)."""
+    import time
+
+    from moelab import datacache
+    from moelab.config import load_config
+
+    start = time.perf_counter()
+    cfg = load_config(config)
+    summary = datacache.ready(cfg)
+    return (
+        None
+        if summary is None
+        else datacache.ready_lines(cfg, summary, time.perf_counter() - start)
+    )

@@ -92,6 +92,14 @@ def ready(cfg: MoelabConfig) -> str | None:
         return None
 
 
+def ready_lines(cfg: MoelabConfig, summary: str, took_s: float) -> str:
+    """What a run's log says when its data came from the cache by its receipt."""
+    return (
+        f"moelab: preparing data ({cfg.data.source}) in {cfg.data.cache_dir}\n"
+        f"moelab: data ready (from the cache by its receipt, {took_s:.1f} s): {summary}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m moelab.datacache --config <run dir>/config.yaml [-- command ...]."""
     argv = sys.argv[1:] if argv is None else argv
@@ -104,11 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if summary is None:  # the full preparation: moelab.data, with this interpreter's options
         options = sys.orig_argv[1 : sys.orig_argv.index("-m")] if "-m" in sys.orig_argv else []
         os.execv(sys.executable, [sys.executable, *options, "-m", "moelab.data", *argv])
-    print(f"moelab: preparing data ({cfg.data.source}) in {cfg.data.cache_dir}", flush=True)
-    took = time.perf_counter() - start
-    print(
-        f"moelab: data ready (from the cache by its receipt, {took:.1f} s): {summary}", flush=True
-    )
+    print(ready_lines(cfg, summary, time.perf_counter() - start), end="", flush=True)
     if argv[cut + 1 :]:
         os.execvp(argv[cut + 1], argv[cut + 1 :])
 

@@ -54,6 +54,10 @@ class NullSink:
         pass
 
 
+FIRST_REPLAY_HOLD_S = 30.0
+"""Longest the first replay waits for the run's first metrics (`spool.Worker`)."""
+
+
 class MLflowSink:
     """Logs into the launcher's run (`moelab.runref`) through a write-ahead spool.
 
@@ -84,7 +88,7 @@ class MLflowSink:
         self.close_timeout_s = close_timeout_s
         self.spool.append({"kind": "open", "run_id": run_id, "tracking_uri": tracking_uri})
         self.replayer = Replayer(self.spool, tracking_uri)
-        self.worker = Worker(self.replayer, retry_s)
+        self.worker = Worker(self.replayer, retry_s, hold_s=FIRST_REPLAY_HOLD_S)
         self.worker.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -102,6 +106,7 @@ class MLflowSink:
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in metrics.items()}
         self.spool.append({"kind": "metrics", "metrics": values, "step": step, "ts": now})
+        self.worker.release()
         self.worker.wake()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

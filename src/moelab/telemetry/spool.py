@@ -234,12 +234,17 @@ class Replayer:
 
 
 class Worker:
-    """Background thread draining the spool; retries at most every `retry_s` while down."""
+    """Background thread draining the spool; retries at most every `retry_s` while down.
 
-    def __init__(self, replayer: Replayer, retry_s: float) -> None:
+    It starts replaying once `release()`d (the run's first metrics) or after `hold_s`: importing
+    MLflow and opening its store take seconds of CPU that the first training step needs on a
+    machine whose cores are all busy with ranks; the records wait in the spool meanwhile."""
+
+    def __init__(self, replayer: Replayer, retry_s: float, hold_s: float = 0.0) -> None:
         self.replayer = replayer
-        self.retry_s = retry_s
+        self.retry_s, self.hold_s = retry_s, hold_s
         self.event = threading.Event()
+        self.released = threading.Event()
         self.stopping = threading.Event()
         self.down_since: float | None = None
         self.thread = threading.Thread(target=self._run, name="moelab-mlflow", daemon=True)
@@ -250,7 +255,11 @@ class Worker:
     def wake(self) -> None:
         self.event.set()
 
+    def release(self) -> None:
+        self.released.set()
+
     def _run(self) -> None:
+        self.released.wait(self.hold_s)
         while True:
             if self.down_since is None:
                 self.event.wait()
@@ -276,5 +285,6 @@ class Worker:
     def stop(self, timeout_s: float) -> None:
         """One last drain attempt (bounded by `timeout_s`), then the thread ends."""
         self.stopping.set()
+        self.released.set()
         self.event.set()
         self.thread.join(timeout_s)
