@@ -44,8 +44,13 @@ where c is, per MoE layer (k and E after granularity: `active_experts`, `total_e
                                   all-to-all outputs, the unpermuted output, the fp32 product
                                   of the combine) are freed within the layer, before the
                                   LM head's peak, and are not counted.
-  LM head           V*(w + 12)/w                 (logits, the shifted fp32 copy the loss takes,
-                                                  fp32 log-softmax and its gradient)
+  LM head, fp32     4*V                          (logits, PyTorch's fp32 log-softmax kept for
+                                                  backward, its gradient, the logits' gradient)
+  LM head, bf16/fp16  2*V + chunk               (logits and their gradient; the loss upcasts
+                                                  one chunk of LOSS_CHUNK_ELEMENTS logits at a
+                                                  time (`shifted_cross_entropy`), whose fp32
+                                                  copy, log-softmax and gradient are a constant
+                                                  12 * min(chunk, B*T*V) bytes, not per token)
 
 All-to-all: each MoE layer sends its dispatched tokens to the other ranks of its EP group and
 the results back, forward and backward: 4 all-to-alls per layer per micro-step, of which a
@@ -71,11 +76,13 @@ from typing import Any
 from moelab.config import ModelConfig, MoelabConfig
 from moelab.devices import DeviceSpec
 from moelab.flops import active_matmul_params, flops_per_token
-from moelab.shapes import expert_capacity
+from moelab.shapes import LOSS_CHUNK_ELEMENTS, expert_capacity
 
 GIB = 1024**3
 SERVE_BYTES = 2  # bf16 weights and KV cache for serving
-LOGITS_EXTRA_BYTES = 12  # fp32 shifted copy + fp32 log-softmax + its fp32 gradient
+FP32_LOGIT_COPIES = 4  # fp32 logits, log-softmax, its gradient, the logits' gradient
+LOW_PRECISION_LOGIT_COPIES = 2  # bf16/fp16 logits and their gradient (the loss is chunked)
+LOSS_CHUNK_FP32_BYTES = 12  # per logit of the loss chunk: fp32 upcast, log-softmax, gradient
 AUTOEP_ALIGN_ROWS = 8  # deepspeed.moe.ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M
 
 
@@ -199,8 +206,15 @@ def activation_elements_per_token(m: ModelConfig, weight_bytes: int) -> float:
             total += 4 * hidden
         if m.is_moe_layer(i):
             total += 2 * d + expert_rows_per_token(m) * (2 * d + 4 * m.expert_hidden)
-    total += m.padded_vocab_size * (weight_bytes + LOGITS_EXTRA_BYTES) / weight_bytes
-    return total
+    copies = FP32_LOGIT_COPIES if weight_bytes >= 4 else LOW_PRECISION_LOGIT_COPIES
+    return total + m.padded_vocab_size * copies
+
+
+def loss_chunk_bytes(m: ModelConfig, tokens: int, weight_bytes: int) -> float:
+    """The fp32 scratch of the chunked loss over bf16/fp16 logits (0 for fp32 logits)."""
+    if weight_bytes >= 4:
+        return 0.0
+    return LOSS_CHUNK_FP32_BYTES * min(LOSS_CHUNK_ELEMENTS, tokens * m.padded_vocab_size)
 
 
 def alignment_elements(m: ModelConfig, ep_size: int) -> float:
@@ -216,6 +230,7 @@ def estimate_memory(m: ModelConfig, sizes: Sizes, s: TrainSetup, seq_len: int) -
     tokens = s.micro_batch_size * seq_len
     elements = tokens * activation_elements_per_token(m, s.weight_bytes)
     act = (elements + alignment_elements(m, s.ep_size)) * s.weight_bytes
+    act += loss_chunk_bytes(m, tokens, s.weight_bytes)
     return MemoryEstimate(**model_state_bytes(sizes, s), activations=act)
 
 

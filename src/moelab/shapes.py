@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 import struct
 
+LOSS_CHUNK_ELEMENTS = 2**24
+"""Logits per chunk of the training loss over bf16/fp16 logits: 64 MiB of fp32 at a time."""
+
 MOE_FFN_KINDS = ("moe", "arctic", "pr_moe")
 """FFN variants whose MoE layers hold experts (every other block is dense)."""
 
