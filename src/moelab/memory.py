@@ -80,8 +80,7 @@ from moelab.shapes import LOSS_CHUNK_ELEMENTS, expert_capacity
 
 GIB = 1024**3
 SERVE_BYTES = 2  # bf16 weights and KV cache for serving
-FP32_LOGIT_COPIES = 4  # fp32 logits, log-softmax, its gradient, the logits' gradient
-LOW_PRECISION_LOGIT_COPIES = 2  # bf16/fp16 logits and their gradient (the loss is chunked)
+LOGIT_COPIES = {4: 4, 2: 2}  # by logit bytes: fp32 4 (module docstring), bf16/fp16 2
 LOSS_CHUNK_FP32_BYTES = 12  # per logit of the loss chunk: fp32 upcast, log-softmax, gradient
 AUTOEP_ALIGN_ROWS = 8  # deepspeed.moe.ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M
 
@@ -206,8 +205,7 @@ def activation_elements_per_token(m: ModelConfig, weight_bytes: int) -> float:
             total += 4 * hidden
         if m.is_moe_layer(i):
             total += 2 * d + expert_rows_per_token(m) * (2 * d + 4 * m.expert_hidden)
-    copies = FP32_LOGIT_COPIES if weight_bytes >= 4 else LOW_PRECISION_LOGIT_COPIES
-    return total + m.padded_vocab_size * copies
+    return total + m.padded_vocab_size * LOGIT_COPIES[min(weight_bytes, 4)]
 
 
 def loss_chunk_bytes(m: ModelConfig, tokens: int, weight_bytes: int) -> float:
