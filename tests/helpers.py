@@ -96,3 +96,29 @@ def moe_gates(model: Any) -> dict[int, Any]:
     from moelab.ds_moe import iter_moe_layers
 
     return {idx: moe.deepspeed_moe.gate for idx, moe in iter_moe_layers(model)}
+
+
+def torch_twin_matches_deepspeed(cfg: Any, vocab: int) -> list[bool]:
+    """Build `cfg` with DeepSpeed's MoE layer and with its pure-torch twin (same weights), both
+    in eval mode; assert equal logits (1e-5), aux loss and exp_counts on one random batch.
+    Returns, per router call of the twin, whether it dropped a route."""
+    import torch
+
+    from moelab.models import build_model
+    from moelab.models.moe_torch import TopKRouter
+
+    ds = build_model(cfg, seed=3).eval()
+    pt = build_model(cfg, seed=4, moe_runtime="torch").eval()
+    pt.load_state_dict(ds.state_dict())
+    dropped: list[bool] = []
+    for m in pt.modules():
+        if isinstance(m, TopKRouter):
+            m.register_forward_hook(lambda _m, _a, out: dropped.append(bool((out[1] < 0).any())))
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ds(ids), pt(ids)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=0)
+    for a, b in zip(got.exp_counts, want.exp_counts, strict=True):
+        assert torch.equal(a.long(), b.long())
+    return dropped

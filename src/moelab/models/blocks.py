@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .configuration import MoelabLMConfig
-from .layers import CausalSelfAttention, SwiGLU, build_norm
+from .layers import AttnContext, CausalSelfAttention, SwiGLU, build_norm
 from .moe_dropless import DroplessMoE, DroplessMoEFFN
 from .moe_torch import MoEOutput, TorchMoE, TorchMoEFFN
 
@@ -91,6 +91,16 @@ def build_moe_ffn(spec: BlockSpec, use_residual: bool = False) -> nn.Module:
     return MOE_FFN_BUILDERS[key](spec, use_residual)
 
 
+def run_moe(moe: nn.Module, x: torch.Tensor, ctx: AttnContext | None) -> MoEOutput:
+    """The MoE FFN on x; the token mask (padding excluded from routing) only when there is
+    one, so the training FFNs are called exactly as before."""
+    if ctx is None or ctx.token_mask is None:
+        out: MoEOutput = moe(x)
+    else:
+        out = moe(x, ctx.token_mask)
+    return out
+
+
 class DenseBlock(nn.Module):
     """`h = x + Attn(LN1(x)); out = h + MLP(LN2(h))`."""
 
@@ -98,12 +108,12 @@ class DenseBlock(nn.Module):
         super().__init__()
         cfg = spec.cfg
         self.attn_norm = build_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, spec.layer_idx)
         self.mlp_norm = build_norm(cfg)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> BlockOutput:
-        h = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, ctx: AttnContext | None = None) -> BlockOutput:
+        h = x + self.attn(self.attn_norm(x), ctx)
         zero = x.new_zeros(())
         return BlockOutput(h + self.mlp(self.mlp_norm(h)), zero, zero, None)
 
@@ -115,13 +125,13 @@ class MoEBlock(nn.Module):
         super().__init__()
         cfg = spec.cfg
         self.attn_norm = build_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, spec.layer_idx)
         self.mlp_norm = build_norm(cfg)
         self.moe = build_moe_ffn(spec, use_residual=use_residual)
 
-    def forward(self, x: torch.Tensor) -> BlockOutput:
-        h = x + self.attn(self.attn_norm(x))
-        moe: MoEOutput = self.moe(self.mlp_norm(h))
+    def forward(self, x: torch.Tensor, ctx: AttnContext | None = None) -> BlockOutput:
+        h = x + self.attn(self.attn_norm(x), ctx)
+        moe = run_moe(self.moe, self.mlp_norm(h), ctx)
         return BlockOutput(h + moe.out, moe.l_aux, moe.z_loss, moe.exp_counts)
 
 
@@ -132,16 +142,16 @@ class ArcticBlock(nn.Module):
         super().__init__()
         cfg = spec.cfg
         self.attn_norm = build_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, spec.layer_idx)
         self.mlp_norm = build_norm(cfg)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
         self.moe_norm = build_norm(cfg)
         self.moe = build_moe_ffn(spec)
 
-    def forward(self, x: torch.Tensor) -> BlockOutput:
+    def forward(self, x: torch.Tensor, ctx: AttnContext | None = None) -> BlockOutput:
         # The MoE reads the block input, in parallel with attention and the dense MLP.
-        moe: MoEOutput = self.moe(self.moe_norm(x))
-        h = x + self.attn(self.attn_norm(x))
+        moe = run_moe(self.moe, self.moe_norm(x), ctx)
+        h = x + self.attn(self.attn_norm(x), ctx)
         out = h + self.mlp(self.mlp_norm(h)) + moe.out
         return BlockOutput(out, moe.l_aux, moe.z_loss, moe.exp_counts)
 

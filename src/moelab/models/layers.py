@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +40,32 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return emb.cos(), emb.sin()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(q.shape[-2], q.device)
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at explicit positions (B, T) -> (B, 1, T, head_dim) each."""
+        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32)
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
+        freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None:
+            cos, sin = self.cos_sin(q.shape[-2], q.device)
+        else:
+            cos, sin = self.cos_sin_at(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+class AttnContext(NamedTuple):
+    """What inference adds to a forward: RoPE positions (B, T), the boolean SDPA mask
+    (B, 1, T, K) (None: causal over the keys), the KV cache, and the MoE token mask (B, T)."""
+
+    positions: torch.Tensor
+    attn_mask: torch.Tensor | None
+    cache: Any
+    token_mask: torch.Tensor | None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,8 +77,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class CausalSelfAttention(nn.Module):
     """Grouped-query causal attention: `n_kv_heads` key/value heads shared by the query heads."""
 
-    def __init__(self, cfg: MoelabLMConfig) -> None:
+    def __init__(self, cfg: MoelabLMConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
@@ -68,14 +94,25 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttnContext | None = None) -> torch.Tensor:
+        """Causal attention over x (B, T, D); with `ctx`, at its positions, under its mask,
+        after the keys and values its cache holds (which this call extends)."""
         b, t, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
-        q, k = self.rope(q, k)
         gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if ctx is None:  # training: the whole sequence, causal
+            q, k = self.rope(q, k)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            q, k = self.rope(q, k, ctx.positions)
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(k, v, self.layer_idx)
+            causal = ctx.attn_mask is None and k.shape[-2] == t
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.attn_mask, is_causal=causal, enable_gqa=gqa
+            )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .blocks import BlockOutput, BlockSpec, build_block
 from .configuration import MoelabLMConfig
-from .layers import build_norm
+from .layers import AttnContext, build_norm
+from .shapes import LOSS_CHUNK_ELEMENTS
 
 IGNORE_INDEX = -100
 
@@ -33,6 +34,7 @@ class MoelabCausalLMOutput(ModelOutput):
     z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     exp_counts: tuple[torch.Tensor, ...] | None = None
+    past_key_values: Any = None
 
 
 class BackboneOutput(NamedTuple):
@@ -56,11 +58,11 @@ class MoelabBackbone(nn.Module):
         )
         self.norm = build_norm(cfg)
 
-    def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
+    def forward(self, input_ids: torch.Tensor, ctx: AttnContext | None = None) -> BackboneOutput:
         h = self.embed_tokens(input_ids)  # (B, T, D)
         out = BackboneOutput(h, [], [], [])
         for block in self.layers:
-            b: BlockOutput = block(h)
+            b: BlockOutput = block(h) if ctx is None else block(h, ctx)
             h = b.hidden
             if b.exp_counts is not None:
                 out.aux.append(b.l_aux)
@@ -84,19 +86,6 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.post_init()
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        past_key_values: Any = None,
-        attention_mask: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """No KV cache: every decoding step runs the whole sequence (B, T) again."""
-        return {"input_ids": input_ids}
-
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
@@ -117,12 +106,27 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
             init.ones_(module.weight)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        **_: Any,
     ) -> MoelabCausalLMOutput:
-        """Causal LM over `input_ids` (B, T); other keywords (attention_mask, ...) are ignored."""
-        if input_ids.shape[-1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[-1]} > max_seq_len")
-        h, aux, z, counts = self.model(input_ids)
+        """Causal LM over `input_ids` (B, T) after the `past_key_values` cache holds (extended
+        in place when `use_cache`); `attention_mask` (B, past + T) marks the real tokens (1)
+        and padding (0), left or right. With none of these it is the training forward."""
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + input_ids.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + input_ids.shape[-1]} > max_seq_len")
+        ctx = None
+        if attention_mask is not None or position_ids is not None or past_key_values is not None:
+            ctx = attn_context(input_ids, attention_mask, position_ids, past_key_values, past)
+        h, aux, z, counts = self.model(input_ids, ctx)
         logits = self.lm_head(h)  # (B, T, V)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux_loss = torch.stack(aux).sum() if aux else zero
@@ -140,7 +144,45 @@ class MoelabForCausalLM(PreTrainedModel, GenerationMixin):
             z_loss=z_loss,
             logits=logits,
             exp_counts=tuple(counts),
+            past_key_values=past_key_values,
         )
+
+
+def attn_context(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: Any,
+    past: int,
+) -> AttnContext:
+    """Positions, SDPA mask and MoE token mask of T new tokens after `past` cached ones.
+
+    Positions count the real tokens before each one (a left-padded row gets the positions of
+    the same row unpadded). The mask lets query i see key j when j is a real token at or
+    before it, and always itself: a padded query would otherwise see no key (SDPA: NaN)."""
+    b, t = input_ids.shape
+    dev = input_ids.device
+    if attention_mask is not None and attention_mask.shape[-1] != past + t:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns for {past} cached and {t} "
+            "new tokens; pass one column per cached and new token."
+        )
+    if position_ids is None:
+        if attention_mask is None:
+            position_ids = torch.arange(past, past + t, device=dev).expand(b, t)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+    if attention_mask is None and (past == 0 or t == 1):
+        return AttnContext(position_ids, None, cache, None)
+    q_pos = torch.arange(past, past + t, device=dev).unsqueeze(-1)  # (T, 1)
+    k_pos = torch.arange(past + t, device=dev)  # (K,)
+    allowed = (k_pos <= q_pos).expand(b, 1, t, past + t)
+    token_mask = None
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        allowed = allowed & real[:, None, None, :]
+        token_mask = real[:, past:]
+    return AttnContext(position_ids, allowed | (k_pos == q_pos), cache, token_mask)
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -161,10 +203,6 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     loss_of = partial(checkpoint, _chunk_loss, use_reentrant=False) if recompute else _chunk_loss
     chunks = [loss_of(flat[i : i + rows], target[i : i + rows]) for i in range(0, len(flat), rows)]
     return torch.stack(chunks).sum() / (target != IGNORE_INDEX).sum().clamp_min(1)
-
-
-LOSS_CHUNK_ELEMENTS = 2**24
-"""Logits per loss chunk: 64 MiB of fp32 scratch at a time."""
 
 
 def _chunk_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -85,11 +85,17 @@ class DroplessMoE(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.experts = FusedExperts(num_experts, d_model, hidden)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
+        """Route x (..., D); tokens where `token_mask` (x's leading shape) is False (padding)
+        go to no expert, are not counted and get a zero output."""
         tokens = x.reshape(-1, x.shape[-1])  # (S, D)
         logits = self.gate(tokens).float()  # (S, E), in x's dtype then fp32, as AutoEP
         weight, expert = top_k_routes(logits, self.k)  # (S, k) each
-        counts = routes_per_expert(expert, logits.shape[-1])
+        num_experts = logits.shape[-1]
+        if token_mask is not None:  # expert id E: no expert (the loop below never reaches it)
+            real = token_mask.reshape(-1, 1)
+            expert = torch.where(real, expert, torch.full_like(expert, num_experts))
+        counts = routes_per_expert(expert, num_experts + 1)[:num_experts]
         out = torch.zeros_like(tokens, dtype=torch.float32)
         for e in range(logits.shape[-1]):
             token, slot = torch.nonzero(expert == e, as_tuple=True)
@@ -113,6 +119,6 @@ class DroplessMoEFFN(nn.Module):
     def gate(self) -> nn.Linear:
         return self.block.gate
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        out: MoEOutput = self.block(x)
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
+        out: MoEOutput = self.block(x, token_mask)
         return out
