@@ -1,5 +1,6 @@
-"""moelab-export: pure-torch MoE == DeepSpeed's MoE in eval; real ep2 checkpoint round trips of
-the classic layer and of AutoEP (`model.moe.impl=autoep`)."""
+"""moelab-export: pure-torch MoE == DeepSpeed's MoE in eval; every variant's export gives the
+training model's logits; real ep2 checkpoint round trips of the classic layer and of AutoEP
+(`model.moe.impl=autoep`)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from trained_autoep import autoep_runs, trained_autoep  # noqa: F401
 
+from helpers import REPO, one_rank_env, torch_twin_matches_deepspeed
 from launcher.export_cmd import main as export_main
 from moelab.checkpoint import read_meta
 from moelab.config import ModelConfig, MoEConfig, load_config
 from moelab.datakeys import blocks_dir
 from moelab.export import resolve_source
-from moelab.models import build_model
-from moelab.models.moe_torch import TopKRouter
 from trained_moe import TrainedMoE, subprocess_env, trained_moe  # noqa: F401
 
 LOAD_SCRIPT = r"""
@@ -86,23 +86,107 @@ def _tiny(ffn: str, top_k: int, drop: bool) -> ModelConfig:
     ],
 )
 def test_torch_moe_matches_deepspeed_moe_in_eval(ffn: str, top_k: int, drop: bool) -> None:
-    cfg = _tiny(ffn, top_k, drop)
-    ds = build_model(cfg, seed=3).eval()
-    pt = build_model(cfg, seed=4, moe_runtime="torch").eval()
-    pt.load_state_dict(ds.state_dict())
-    dropped: list[bool] = []
-    for m in pt.modules():
-        if isinstance(m, TopKRouter):
-            m.register_forward_hook(lambda _m, _a, out: dropped.append(bool((out[1] < 0).any())))
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want, got = ds(ids), pt(ids)
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=0)
-    for a, b in zip(got.exp_counts, want.exp_counts, strict=True):
-        assert torch.equal(a, b)
+    dropped = torch_twin_matches_deepspeed(_tiny(ffn, top_k, drop), 256)
     # capacity 0.5 drops routes when drop_tokens is on, never when it is off
     assert any(dropped) == drop
+
+
+VARIANT_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+from launcher.compose import compose_config, to_schema
+from moelab import data, engine
+from moelab.checkpoint import BatchStream, Checkpointer
+from moelab.dsconfig import build_ds_config
+from moelab.export import export
+from moelab.models import build_model
+from moelab.rundir import RunDir
+
+engine.init_distributed(1)
+root, steps = Path(sys.argv[1]), 3
+for case in sys.argv[2:]:
+    name, *overrides = case.split(" ")
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = to_schema(compose_config([
+        *overrides, "model.n_layers=2", "cluster.nproc_per_node=1", "zero=stage2",
+        "train=smoke", f"train.steps={steps}", "train.warmup_steps=1", f"run_dir={run_dir}",
+    ]))
+    OmegaConf.save(OmegaConf.structured(cfg), RunDir(run_dir).config)
+    data.prepare_data(cfg.data)
+    dsets, _ = data.load_prepared(cfg.data)
+    t = cfg.train
+    ds = engine.initialize(build_model(cfg.model, 1, 0, t.seed), build_ds_config(cfg))
+    stream = BatchStream(data.build_loader(dsets["train"], t.micro_batch_size, 0, 1, t.seed, True))
+    for _ in range(steps):
+        ids = next(stream)["input_ids"]
+        ds.backward(ds(ids, labels=ids).loss)
+        ds.step()
+    Checkpointer(cfg, 1, 1, 0).save(ds, steps, stream)
+    out = export(run_dir, root / f"{name}-hf")
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ds.eval()
+    if cfg.model.is_moe and cfg.model.moe.impl == "autoep":
+        reference = ds.module  # AutoEP's own layer (dropless) after deepspeed.initialize
+    else:  # DeepSpeed's MoE layer in eval, the engine's weights, drop_tokens off
+        cfg.model.moe.drop_tokens = False
+        reference = build_model(cfg.model, 1, 0, t.seed).eval()
+        reference.load_state_dict(ds.module.state_dict())
+    val = data.build_loader(dsets["validation"], t.micro_batch_size, 0, 1, t.seed, False)
+    diffs = []
+    with torch.no_grad():
+        for i, batch in enumerate(val):  # the run's eval batches (train.evaluate's loader)
+            if i >= t.eval_batches:
+                break
+            ids = batch["input_ids"]
+            diffs.append(float((reference(ids).logits - exported(ids).logits).abs().max()))
+    info = json.loads((out / "moelab_export.json").read_text())
+    print(json.dumps({"case": name, "diffs": diffs, "arch": info["architecture"],
+                      "k": cfg.model.moe.active_experts if cfg.model.is_moe else 0}), flush=True)
+"""
+"""One gloo rank (one process): per variant, a DeepSpeed engine takes 3 steps and saves a
+checkpoint with moelab's Checkpointer; `export()` writes its folder, which is loaded with
+`from_pretrained` and compared with the training model on the run's eval batches."""
+
+VARIANTS = {  # case -> overrides (2 layers each)
+    "top1": "model=tiny_moe_top1",
+    "top2": "model=tiny_moe_top2",
+    "granular": "model=tiny_moe_top2 model.moe.granularity=2",  # 8 experts, top-4
+    "pr_moe": "model=tiny_pr_moe",
+    "arctic": "model=tiny_arctic",
+    "autoep": "model=tiny_moe_top2 model.moe.impl=autoep",
+    "mixtral": "model=tiny_moe_top2 model.norm=rmsnorm",  # written as transformers' Mixtral
+}
+
+
+@pytest.mark.slow
+def test_every_variant_exports_the_training_models_logits(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    env = one_rank_env() | {"MOELAB_CACHE": str(shared_cache), "HF_HUB_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    cases = [f"{name} {overrides}" for name, overrides in VARIANTS.items()]
+    proc = subprocess.run(
+        [sys.executable, "-c", VARIANT_CHILD, str(tmp_path), *cases],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    got = {r["case"]: r for r in map(json.loads, lines)}
+    assert sorted(got) == sorted(VARIANTS)
+    for name, r in got.items():
+        assert len(r["diffs"]) == 2 and max(r["diffs"]) <= 1e-5, (name, r["diffs"])
+    assert got["granular"]["k"] == 4  # top-k > 2: the pure-torch top-k routing
+    assert got["mixtral"]["arch"] == "MixtralForCausalLM"
+    assert got["top2"]["arch"] == "MoelabForCausalLM"
+    native, remote = ((tmp_path / f"{n}-hf" / "README.md").read_text() for n in ("mixtral", "top2"))
+    assert "from_pretrained(path)\n" in native and "## Format\n\n`native`" in native
+    assert "from_pretrained(path, trust_remote_code=True)" in remote
+    assert "- Final eval loss: not recorded" in remote  # these runs have no MLflow run
 
 
 def test_export_refuses_a_directory_without_a_run(tmp_path: Path) -> None:
@@ -133,8 +217,14 @@ def test_export_round_trip_from_ep2_checkpoint(impl: str, request: Any, tmp_path
     assert meta is not None and meta["ep_size"] == 2
     assert (info["tag"], info["step"]) == (meta["tag"], meta["step"])
     logged = logged_eval_loss(info["mlflow"], info["step"])
-
+    assert info["card"]["eval_loss"] == {"value": logged, "step": info["step"], "from": "MLflow"}
+    assert info["card"]["mlflow_run_id"] == info["mlflow"]["run_id"]
     cfg = load_config(run_dir / "config.yaml")
+    # The export routes dropless; the run's eval/loss is its own only where its eval dropped
+    # nothing: AutoEP never drops, and the classic run's eval capacity covers every token.
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    assert cfg.model.moe.dropless or cfg.model.moe.capacity(tokens, training=False) >= tokens
+
     train = {"micro_batch_size": cfg.train.micro_batch_size, "eval_batches": cfg.train.eval_batches}
     (tmp_path / "train.json").write_text(json.dumps(train))
     args = [str(out), str(blocks_dir(cfg.data)), str(run_dir), str(tmp_path)]

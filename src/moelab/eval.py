@@ -1,8 +1,10 @@
 """Downstream evaluation of an exported model with lm-evaluation-harness, logged to MLflow.
 
-`lm_eval.simple_evaluate` runs `HFLM` on the `moelab-export` folder; every numeric metric
+`lm_eval.simple_evaluate` runs `HFLM` on the `moelab-export` folder (on a GPU in bf16 with
+lm-eval's automatic batch size when one is there, fp32 on the CPU); every numeric metric
 of every task becomes `eval/downstream/{task}_{metric}` in the MLflow run of the source run
-dir (recorded in the folder's `moelab_export.json`), or in a run given explicitly.
+dir (recorded in the folder's `moelab_export.json`), or in a run given explicitly. The scores
+are also kept in the folder (`downstream.json`) and shown in its model card.
 """
 
 from __future__ import annotations
@@ -30,6 +32,44 @@ SEED_REPORT_TASKS = (
     "rte",
 )
 METRIC_PREFIX = "eval/downstream/"
+CPU_BATCH_SIZE = 8
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs: torch device, weight dtype, HFLM batch size."""
+
+    device: str
+    dtype: str
+    batch_size: int | str
+
+
+def parse_batch_size(value: str) -> int | str:
+    """A positive integer, `auto` or `auto:N` (lm-eval re-detects N times)."""
+    if value == "auto" or (value.startswith("auto:") and value[5:].isdigit()):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"batch_size={value!r} is not a positive integer or auto; fix it.")
+    return int(value)
+
+
+def pick_runtime(
+    cuda: bool,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | str | None = None,
+) -> Runtime:
+    """cuda, bfloat16 and batch size auto when a GPU is there (`cuda`), else cpu, float32 and
+    a fixed batch; each given value wins."""
+    device = device or ("cuda" if cuda else "cpu")
+    on_gpu = device.startswith("cuda")
+    dtype = dtype or ("bfloat16" if on_gpu else "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}; pick one of them.")
+    if batch_size is None:
+        batch_size = "auto" if on_gpu else CPU_BATCH_SIZE
+    return Runtime(device, dtype, batch_size)
 
 
 @dataclass(frozen=True)
@@ -63,19 +103,24 @@ def evaluate(
     *,
     include_path: str | None = None,
     num_fewshot: int = 0,
-    batch_size: int = 8,
+    runtime: Runtime | None = None,
     limit: int | None = None,
+    log_samples: bool = False,
 ) -> dict[str, Any]:
-    """lm-eval's results dict (`results[task][metric,filter]`) for the exported model."""
+    """lm-eval's results dict (`results[task][metric,filter]`; `samples` with `log_samples`)
+    for the exported model, run as `runtime` says (default: `pick_runtime` for this host)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    rt = runtime or pick_runtime(torch.cuda.is_available())
     tm = task_manager(tasks, include_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=getattr(torch, rt.dtype), device_map=rt.device
+    )
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    lm = HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=batch_size)
+    lm = HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=rt.batch_size)
     with torch.inference_mode():
         out = simple_evaluate(
             model=lm,
@@ -83,15 +128,15 @@ def evaluate(
             task_manager=tm,
             num_fewshot=num_fewshot,
             limit=limit,
-            log_samples=False,
+            log_samples=log_samples,
         )
     assert out is not None  # None only on non-zero ranks of a distributed evaluation
     return dict(out)
 
 
-def downstream_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """`eval/downstream/{task}_{metric}` for every finite numeric metric (`acc,none` -> acc)."""
-    metrics: dict[str, float] = {}
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for every finite numeric metric (`acc,none` -> acc)."""
+    out: dict[str, dict[str, float]] = {}
     for task, scores in results["results"].items():
         for key, value in scores.items():
             if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
@@ -99,8 +144,34 @@ def downstream_metrics(results: dict[str, Any]) -> dict[str, float]:
             metric, filt = key.split(",", 1)
             name = metric if filt == "none" else f"{metric}_{filt}"
             if math.isfinite(value):
-                metrics[f"{METRIC_PREFIX}{task}_{name}"] = float(value)
-    return metrics
+                out.setdefault(task, {})[name] = float(value)
+    return out
+
+
+def downstream_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """`eval/downstream/{task}_{metric}` for every finite numeric metric (`acc,none` -> acc)."""
+    return {
+        f"{METRIC_PREFIX}{task}_{name}": value
+        for task, scores in task_scores(results).items()
+        for name, value in scores.items()
+    }
+
+
+def save_scores(
+    model_dir: str | Path, results: dict[str, Any], runtime: Runtime, num_fewshot: int,
+    limit: int | None,
+) -> Path:  # fmt: skip
+    """Write the scores to `<model_dir>/downstream.json` and show them in the folder's model
+    card (when moelab-export wrote one)."""
+    from moelab.model_card import DOWNSTREAM, refresh_card
+
+    path = Path(model_dir) / DOWNSTREAM
+    payload = {"tasks": task_scores(results), "num_fewshot": num_fewshot, "limit": limit}
+    payload |= {"device": runtime.device, "dtype": runtime.dtype}
+    payload["batch_size"] = runtime.batch_size
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    refresh_card(Path(model_dir))
+    return path
 
 
 def resolve_target(model_dir: str | Path, target: EvalTarget) -> EvalTarget:

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from moelab import data
 from moelab.checkpoint import read_meta
 from moelab.config import MoelabConfig, load_config
 from moelab.dscompat import EXPERT_FILE, NON_EXPERT_FILE
+from moelab.export_native import native_arch, native_model
 from moelab.models import MoelabForCausalLM, MoelabLMConfig
 from moelab.rundir import RunDir
 
@@ -136,9 +137,10 @@ def gather_state_dict(source: Source) -> dict[str, torch.Tensor]:
 
 
 def inference_config(source: Source) -> MoelabLMConfig:
-    """The HF config of the exported model: all experts local, pure-torch MoE dispatch."""
+    """The HF config of the exported model: all experts local, pure-torch dropless MoE."""
     config = MoelabLMConfig.from_model_config(source.cfg.model, ep_size=1, moe_runtime="torch")
-    config.use_cache = False
+    config.moe_drop_tokens = False  # dropless serving: a token's output ignores its batch
+    config.use_cache = True
     return config
 
 
@@ -164,21 +166,65 @@ def source_tokenizer(cfg: MoelabConfig) -> PreTrainedTokenizerFast:
     return tok
 
 
-def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Write the `save_pretrained` folder of `run_dir`'s checkpoint to `out_dir`."""
+FORMATS = ("auto", "native", "remote")
+
+
+def choose_format(config: MoelabLMConfig, fmt: str) -> tuple[str, str | None, str]:
+    """(written format, native architecture or None, one sentence why) for `--format fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {FORMATS}; pick one of them.")
+    arch, reason = native_arch(config)
+    if fmt == "remote":
+        return "remote", None, "the self-contained trust_remote_code folder was asked for."
+    if arch is None and fmt == "native":
+        raise ValueError(
+            f"--format native: {reason[0].lower()}{reason[1:-1]}; use --format remote."
+        )
+    return ("native", arch, reason) if arch else ("remote", None, reason)
+
+
+def write_folder(
+    model: MoelabForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    out: Path,
+    fmt: str = "auto",
+    info: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """Write `model` (inference config) and `tok` into `out` as a native or remote folder;
+    returns (written format, reason)."""
+    written, arch, reason = choose_format(model.config, fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    target: PreTrainedModel = model
+    if arch is not None:
+        target = native_model(model, arch)
+    else:  # copies modeling.py and what it imports relatively into `out` (auto_map in config)
+        MoelabLMConfig.register_for_auto_class()
+        MoelabForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    for holder in (target.config, target.generation_config):
+        holder.eos_token_id, holder.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        holder.bos_token_id = tok.bos_token_id
+    target.generation_config.use_cache = True
+    target.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    info = dict(info or {}) | {"format": written, "reason": reason}
+    info["architecture"] = arch or "MoelabForCausalLM"
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return written, reason
+
+
+def export(
+    run_dir: str | Path, out_dir: str | Path, tag: str | None = None, fmt: str = "auto"
+) -> Path:
+    """Write the folder of `run_dir`'s checkpoint to `out_dir` (`fmt`: auto, native or remote;
+    its `moelab_export.json` says which was written and why)."""
     out = Path(out_dir)
     model, source = load_inference_model(run_dir, tag)
-    tok = source_tokenizer(source.cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.use_cache = False
-    # Copies modeling.py and the files it imports relatively into `out` (auto_map in config).
-    MoelabLMConfig.register_for_auto_class()
-    MoelabForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / EXPORT_INFO).write_text(json.dumps(export_info(source), indent=2) + "\n")
+    written, reason = write_folder(
+        model, source_tokenizer(source.cfg), out, fmt, export_info(source)
+    )
+    from moelab.model_card import write_card
+
+    write_card(out, source, written, reason)
     return out
 
 
