@@ -188,7 +188,7 @@ def native_model(model: MoelabForCausalLM, arch_name: str) -> PreTrainedModel:
     state = arch.state(dict(model.state_dict()), cfg)
     if arch.norm_weights:  # affine-free RMSNorm == RMSNorm with ones as weight
         for key in [k for k in _norm_keys(cfg) if k not in state]:
-            state[key] = torch.ones(cfg.d_model, dtype=model.dtype)
+            state[key] = torch.ones(cfg.d_model, dtype=model.dtype, device=model.device)
     with no_init_weights():
         native = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     native.load_state_dict(state, strict=True)
