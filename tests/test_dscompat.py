@@ -83,12 +83,14 @@ SYMBOLS: dict[str, tuple[str, str]] = {
         "_raise_unsupported_load_balance_coeff",
         "the balance=bias refusal (load_balance_coeff)",
     ),
+    "autotuning.Autotuner.tune": ("Autotuner.tune", "defer_mlflow_import (mlflow's only use)"),
 }
 
 
 def _symbols() -> dict[str, Any]:
     """symbol -> the object (or, for C++ sources, the file's text) the fingerprint is of."""
     import deepspeed
+    from deepspeed.autotuning.autotuner import Autotuner
     from deepspeed.module_inject import auto_ep_layer
     from deepspeed.module_inject.auto_ep_presets import base, registry
     from deepspeed.moe import ep_experts, ep_router, layer, sharded_moe
@@ -131,6 +133,7 @@ def _symbols() -> dict[str, Any]:
         "auto_ep_presets.base._raise_unsupported_load_balance_coeff": (
             base._raise_unsupported_load_balance_coeff
         ),
+        "autotuning.Autotuner.tune": Autotuner.tune,
     }
 
 
@@ -250,3 +253,36 @@ def test_only_the_fence_touches_deepspeed_internals() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     FINGERPRINTS.write_text(json.dumps(current(), indent=1, sort_keys=True) + "\n")
+
+
+DEFERRED_MLFLOW = """
+import sys, threading
+from moelab import dscompat
+dscompat.defer_mlflow_import()
+import deepspeed, deepspeed.autotuning.autotuner as autotuner
+print(type(sys.modules["mlflow"]).__name__, "mlflow.tracking" in sys.modules)
+threads = [threading.Thread(target=dscompat.load_mlflow) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+from mlflow.tracking import MlflowClient
+import mlflow
+print(type(sys.modules["mlflow"]).__name__, MlflowClient.__module__)
+print(autotuner.mlflow.start_run is mlflow.start_run)
+"""
+
+
+def test_deepspeed_import_leaves_mlflow_unloaded_until_rank_0_needs_it() -> None:
+    """A rank imports DeepSpeed without mlflow (its autotuner's import); the first use, from
+    several threads at once, loads the one real module, which DeepSpeed's reference reaches."""
+    import subprocess
+
+    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", DEFERRED_MLFLOW], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == [
+        "_DeferredMlflow False",
+        "module mlflow.tracking.client",
+        "True",
+    ]

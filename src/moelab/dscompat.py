@@ -33,6 +33,9 @@ upgrade fails there, naming what to re-check. What is touched, and why:
 - `groups._get_expert_parallel_rank` (`expert_parallel_rank`): checks moelab's EP ranks.
 - The /dev/shm name of the CPU all-reduce buffer (csrc/cpu/comm/shm.cpp), which DeepSpeed
   never unlinks (`unlink_shm_buffer`).
+- `deepspeed.autotuning.autotuner` imports mlflow when DeepSpeed is imported, about 1.2 s of
+  CPU in every rank though training never autotunes: `defer_mlflow_import` leaves it unloaded
+  until rank 0's MLflow threads need it (`load_mlflow`).
 - The checkpoint file names of `DeepSpeedEngine._get_ckpt_name` and `_get_expert_ckpt_name`
   (`NON_EXPERT_FILE`, `EXPERT_FILE`, `MODEL_STATES_GLOB`), read by export and fine-tuning.
 - `optimizer.step` of the engine's optimizer is replaced while an update is skipped
@@ -49,8 +52,12 @@ torch and DeepSpeed are imported lazily: the launcher reads the file names on a 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
+import sys
+import threading
+import types
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from importlib import metadata
@@ -79,6 +86,37 @@ def supported_deepspeed() -> str:
         if found:
             return found.group(1)
     raise DeepSpeedVersionError("moelab's metadata pins no deepspeed==X; reinstall moelab.")
+
+
+_MLFLOW_LOCK = threading.Lock()
+
+
+class _DeferredMlflow(types.ModuleType):
+    """Stands in for `mlflow` in sys.modules until used; any attribute loads the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        load_mlflow()
+        return getattr(sys.modules["mlflow"], name)
+
+
+def defer_mlflow_import() -> None:
+    """Make `import mlflow` instant until mlflow is used; called before DeepSpeed is imported,
+    whose autotuner imports mlflow and never uses it here. (importlib's LazyLoader would not
+    do: before Python 3.13 `import` reads the module's `__spec__`, which loads it.)"""
+    spec = None if "mlflow" in sys.modules else importlib.util.find_spec("mlflow")
+    if spec is not None:
+        stand_in = _DeferredMlflow("mlflow")
+        stand_in.__spec__, stand_in.__file__ = spec, spec.origin  # inspect reads every __file__
+        sys.modules["mlflow"] = stand_in
+
+
+def load_mlflow() -> None:
+    """Replace a deferred mlflow by the real module, one thread at a time (rank 0's replay and
+    system-metrics threads both need it). Rank code calls it before `from mlflow... import`."""
+    with _MLFLOW_LOCK:
+        if isinstance(sys.modules.get("mlflow"), _DeferredMlflow):
+            del sys.modules["mlflow"]
+            importlib.import_module("mlflow")
 
 
 def check_deepspeed(installed: str | None = None) -> None:

@@ -56,6 +56,7 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
     that waits longer than `timeout_minutes` on a peer fails instead of hanging. Refuses a
     DeepSpeed other than the supported one (`dscompat.check_deepspeed`)."""
     dscompat.check_deepspeed()
+    dscompat.defer_mlflow_import()
     import deepspeed
 
     timeout = timedelta(minutes=timeout_minutes)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moelab.dscompat import load_mlflow
 from moelab.rundir import RunDir
 
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
@@ -125,6 +126,7 @@ class Replayer:
         self.replayed = 0
 
     def _client(self) -> Any:
+        load_mlflow()
         from mlflow.tracking import MlflowClient
 
         if self.uri not in self.clients:

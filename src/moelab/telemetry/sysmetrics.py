@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moelab import runref
+from moelab.dscompat import load_mlflow
 
 if TYPE_CHECKING:
     from moelab.engine import DistInfo
@@ -27,6 +28,7 @@ class SystemMetrics(threading.Thread):
         self.monitor: Any = None
 
     def run(self) -> None:
+        load_mlflow()
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         try:
