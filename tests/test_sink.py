@@ -166,3 +166,21 @@ def test_training_run_survives_a_server_restart(
         assert got == list(range(1, DENSE_STEPS + 1)), f"{key}: {got}"
     evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss"))
     assert evals == [10, 20, 30, 40]
+
+
+def test_first_replay_waits_for_metrics_or_a_ready_mlflow(tmp_path: Path) -> None:
+    """Params alone are held in the spool (MLflow's import and store cost the first step CPU);
+    `mlflow_ready()` (the system-metrics thread has loaded both) lets them go before any metric."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("hold")).info.run_id
+    sink = MLflowSink(run_id, uri, tmp_path / "run", close_timeout_s=20)
+    sink.log_params({"a": 1})
+    time.sleep(1.5)
+    assert client.get_run(run_id).data.params == {}, "replayed before metrics or mlflow_ready"
+    sink.mlflow_ready()
+    deadline = time.monotonic() + 20
+    while client.get_run(run_id).data.params != {"a": "1"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get_run(run_id).data.params == {"a": "1"}
+    sink.close()

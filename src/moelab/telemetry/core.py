@@ -139,7 +139,7 @@ class Telemetry:
     def _start_system_metrics(self, info: DistInfo) -> None:
         if self.tcfg.system_metrics:
             self.monitor = start_system_metrics(
-                info, self.tcfg.system_metrics_interval, self.run_dir
+                info, self.tcfg.system_metrics_interval, self.run_dir, self.sink.mlflow_ready
             )
 
     def begin_step(self, step: int) -> None:

@@ -26,6 +26,7 @@ class Sink(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def progress(self, total: int, initial: int = 0) -> tqdm: ...
+    def mlflow_ready(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -49,6 +50,9 @@ class NullSink:
 
     def progress(self, total: int, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, disable=True)
+
+    def mlflow_ready(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -128,6 +132,11 @@ class MLflowSink:
 
     def progress(self, total: int, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def mlflow_ready(self) -> None:
+        """MLflow is imported and its store open (the system-metrics thread did it): the first
+        replay need not wait for the first metrics any more."""
+        self.worker.release()
 
     def close(self) -> None:
         """Replay what the server takes now (bounded); warn about what is left for later."""

@@ -238,9 +238,10 @@ class Replayer:
 class Worker:
     """Background thread draining the spool; retries at most every `retry_s` while down.
 
-    It starts replaying once `release()`d (the run's first metrics) or after `hold_s`: importing
-    MLflow and opening its store take seconds of CPU that the first training step needs on a
-    machine whose cores are all busy with ranks; the records wait in the spool meanwhile."""
+    It starts replaying once `release()`d (the run's first metrics, or MLflow loaded by the
+    system-metrics thread) or after `hold_s`: importing MLflow and opening its store take
+    seconds of CPU that the first training step needs on a machine whose cores are all busy
+    with ranks; the records wait in the spool meanwhile."""
 
     def __init__(self, replayer: Replayer, retry_s: float, hold_s: float = 0.0) -> None:
         self.replayer = replayer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,12 @@ class SystemMetrics(threading.Thread):
     done inline, rank 0 would hold every other rank at the first collective that long.
     """
 
-    def __init__(self, interval_s: float, node_id: str, run_dir: Path) -> None:
+    def __init__(
+        self, interval_s: float, node_id: str, run_dir: Path, on_started: Callable[[], None]
+    ) -> None:
         super().__init__(name="moelab-system-metrics", daemon=True)
         self.interval_s, self.node_id, self.run_dir = interval_s, node_id, run_dir
+        self.on_started = on_started
         self.monitor: Any = None
 
     def run(self) -> None:
@@ -44,6 +48,7 @@ class SystemMetrics(threading.Thread):
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
         )
         self.monitor.start()
+        self.on_started()
 
     def finish(self) -> None:
         self.join()
@@ -51,8 +56,11 @@ class SystemMetrics(threading.Thread):
             self.monitor.finish()
 
 
-def start_system_metrics(info: DistInfo, interval_s: float, run_dir: Path) -> SystemMetrics | None:
-    """MLflow system metrics from every node: local rank 0 samples its host.
+def start_system_metrics(
+    info: DistInfo, interval_s: float, run_dir: Path, on_started: Callable[[], None]
+) -> SystemMetrics | None:
+    """MLflow system metrics from every node: local rank 0 samples its host; `on_started` is
+    called once the monitor runs (MLflow imported, its store open).
 
     Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
     hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled.
@@ -61,6 +69,6 @@ def start_system_metrics(info: DistInfo, interval_s: float, run_dir: Path) -> Sy
         return None
     # The deepspeed launcher's node index; mpirun sets no CROSS_RANK (ranks fill hosts in order).
     node = os.environ.get("CROSS_RANK") or str(info.rank // max(info.local_world_size, 1))
-    monitor = SystemMetrics(interval_s, f"{socket.gethostname()}-node{node}", run_dir)
+    monitor = SystemMetrics(interval_s, f"{socket.gethostname()}-node{node}", run_dir, on_started)
     monitor.start()
     return monitor
