@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from moelab import dscompat, shapes
+from moelab import dscompat, fastexit, shapes
 
 REQUEUES_TAG = "moelab.requeues"
 """Times Slurm requeued the job this run lives in (cluster.slurm_requeue; unset if never)."""
@@ -86,6 +86,16 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
         local_world_size=local_world,
         ep_size=ep_size,
     )
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank: its process groups, then the process without the interpreter's teardown
+    (`fastexit`), which DeepSpeed's launcher would wait out for every rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    fastexit.exit_now(code)
 
 
 def barrier() -> None:

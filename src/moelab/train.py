@@ -209,14 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="resolved config.yaml of the run")
     args = parser.parse_args(argv)
     lifeline.connect()
+    code = 0
     try:
         run(load_config(args.config))
     except NonFiniteError as err:  # every rank raises alike; the last checkpoint is intact
         print(f"moelab: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+        code = 3
     except RunRefError as err:  # rank 0: no MLflow run to log into; the launcher says why
         print(f"moelab: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        code = 1
+    engine.exit_rank(code)
 
 
 if __name__ == "__main__":
