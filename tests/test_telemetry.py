@@ -464,3 +464,31 @@ def test_moe_timers_run_only_on_sampled_steps_and_feed_the_metrics(
     assert (m["moe/a2a_bytes"], m["moe/a2a_bytes_total"], m["moe/a2a_gbps"]) == (0, 0, 0)
     assert [m[f"moe/layer_{i}/a2a_bwd_ms"] for i in cfg.moe_layer_indices()] == [0.0] * 4
     tel.close()
+
+
+class BarSink(RecordingSink):
+    """Records the progress bars asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bars: list[tuple[int, int]] = []
+
+    def progress(self, total: int, initial: int = 0) -> Any:
+        self.bars.append((total, initial))
+        return super().progress(total, initial)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_train_progress_decides_whether_rank_0_asks_for_a_bar(progress: bool) -> None:
+    from launcher.compose import compose_config, to_schema
+    from moelab.engine import DistInfo
+    from moelab.telemetry import core
+
+    cfg = to_schema(compose_config(["model=tiny_dense", f"train.progress={progress}"]))
+    cfg.telemetry = dataclasses.replace(cfg.telemetry, system_metrics=False, peak_tflops=1.0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, ep_size=1)
+    sink = BarSink()
+    tel = core.Telemetry(cfg, info, torch.nn.Linear(2, 2), sink)
+    tel.begin_step(1)
+    tel.close()
+    assert sink.bars == ([(cfg.train.steps, 0)] if progress else [])

@@ -97,6 +97,7 @@ class Telemetry:
         self.history: list[tuple[int, torch.Tensor]] = []
         self.losses = LossWindow()
         self.bar: tqdm | None = None  # the progress bar, from the first step on
+        self.show_progress = t.progress
         self.plot_dir = Path(tempfile.mkdtemp(prefix="moelab-plots-"))
         # No plots for a sink that drops them (other ranks' NullSink).
         self.writes = getattr(sink, "writes_artifacts", not isinstance(sink, NullSink))
@@ -146,7 +147,9 @@ class Telemetry:
         """Before an optimizer step: start the window's clock (after a device sync) on its first
         step; time the MoE layers if this step is sampled."""
         if self.bar is None:  # the first step this process computes
-            self.bar = self.sink.progress(self.last_step, step - 1)
+            total, initial = self.last_step, step - 1
+            shown = self.show_progress
+            self.bar = self.sink.progress(total, initial) if shown else tqdm(disable=True)
         if self.window_start is None:
             synchronize(self.device)
             self.window_start = time.perf_counter()
