@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,12 +90,17 @@ def init_distributed(ep_size: int, timeout_minutes: int = 30) -> DistInfo:
 
 
 def exit_rank(code: int) -> NoReturn:
-    """End this rank: its process groups, then the process without the interpreter's teardown
-    (`fastexit`), which DeepSpeed's launcher would wait out for every rank."""
+    """End this rank: its process groups and MPI (mpirun counts a rank that exits without
+    MPI_Finalize as failed; mpi4py would call it only in the teardown skipped here), then the
+    process without the interpreter's teardown (`fastexit`), which DeepSpeed's launcher would
+    wait out for every rank."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")  # DeepSpeed's MPI discovery under mpirun imports it
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     fastexit.exit_now(code)
 
 
