@@ -147,9 +147,8 @@ class Telemetry:
         """Before an optimizer step: start the window's clock (after a device sync) on its first
         step; time the MoE layers if this step is sampled."""
         if self.bar is None:  # the first step this process computes
-            total, initial = self.last_step, step - 1
-            shown = self.show_progress
-            self.bar = self.sink.progress(total, initial) if shown else tqdm(disable=True)
+            progress = self.sink.progress if self.show_progress else NullSink().progress
+            self.bar = progress(self.last_step, step - 1)
         if self.window_start is None:
             synchronize(self.device)
             self.window_start = time.perf_counter()
