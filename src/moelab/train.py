@@ -25,6 +25,7 @@ from moelab.runref import RunRefError
 from moelab.telemetry import Sink, make_sink
 from moelab.telemetry.core import Telemetry
 from moelab.telemetry.sink import flatten
+from moelab.telemetry.sysmetrics import warm_mlflow
 
 RESUMED_TAG = "moelab.resumed_from_step"
 OPTIMIZER_TAG = "moelab.resume_optimizer"
@@ -103,13 +104,14 @@ def run(cfg: MoelabConfig) -> None:
     info = engine.init_distributed(cfg.ep_size, cfg.cluster.timeout_minutes)
     engine.set_threads(t.threads_per_rank, info.local_world_size)
     engine.set_matmul_precision(t.allow_tf32)
+    run_dir = RunDir(cfg.run_dir)
+    mlflow_warm = warm_mlflow(info, cfg.telemetry.system_metrics, run_dir.root)
     # Prepared before any rank started (python -m moelab.data): the ranks only load the cache.
     dsets, _ = data.load_prepared(cfg.data)
     engine.barrier()
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, info.ep_size, info.ep_rank, t.seed)
     tuning = finetune.freeze(model, finetune.parse_trainable(t.trainable), info.ep_size)
-    run_dir = RunDir(cfg.run_dir)
     # Counted before deepspeed.initialize: ZeRO-3 then partitions the parameters (numel 0).
     params = count_model_params(model, cfg.model, info.ep_size)
     ds_engine = engine.initialize(model, json.loads(run_dir.ds_config.read_text()))
@@ -125,6 +127,7 @@ def run(cfg: MoelabConfig) -> None:
         finetune.load_init(ds_engine, t.init_from)
     else:
         note_resume(sink, info.is_rank0, state)
+    mlflow_warm()
     with hang.watch(cfg, info.rank, info.world_size, sink, state["step"]) as dog:
         loop(cfg, info, ds_engine, dsets, sink, tel, ckpt, state, dog)
     tel.close()

@@ -1,4 +1,5 @@
-"""MLflow system metrics (CPU, memory, disk, network, GPU) of every host of a run."""
+"""MLflow on the ranks, off the training thread: the warm-up before step 1, and the system
+metrics (CPU, memory, disk, network, GPU) of every host of a run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,46 @@ from moelab.dscompat import load_mlflow
 
 if TYPE_CHECKING:
     from moelab.engine import DistInfo
+
+
+LOCAL_STORES = ("sqlite", "file")
+"""Tracking URI schemes whose store is a local file: opening one cannot wait on a server."""
+
+
+def warm_mlflow(info: DistInfo, system_metrics: bool, run_dir: Path) -> Callable[[], None]:
+    """Import MLflow and open its store on a thread, where this rank will use them (rank 0's
+    sink; each host's system-metrics sampler); returns the wait, called before step 1.
+
+    Both take ~2 s of the interpreter: started after the first step, they would stall the
+    training thread (the GIL) for up to half a second at a time and every other rank with it
+    at the next collective, showing rank 0 as a straggler. Started here they overlap the model
+    build and DeepSpeed's initialisation. A tracking server is not contacted (an unreachable
+    one must not hold training back).
+    """
+    sampler = info.local_rank == 0 and system_metrics
+    if not (info.is_rank0 or sampler) or not runref.expected(run_dir):
+        return lambda: None
+    thread = threading.Thread(
+        target=_open_store, args=(run_dir,), name="moelab-mlflow-warm-up", daemon=True
+    )
+    thread.start()
+    return thread.join
+
+
+def _open_store(run_dir: Path) -> None:
+    load_mlflow()
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.split(":", 1)[0] not in LOCAL_STORES:
+        return
+    try:
+        run_id = runref.launcher_run_id(run_dir)
+        if run_id is not None:
+            MlflowClient(tracking_uri=uri).get_run(run_id)
+    except Exception:  # the sink and the sampler meet it again and report it
+        return
 
 
 class SystemMetrics(threading.Thread):
