@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from launcher import tracking
 from launcher.errors import ConfigError
 from launcher.hostfile import Resources
+from moelab import startup
 from moelab.config import MoelabConfig
 from moelab.dsconfig import build_ds_config
 from moelab.rundir import RunDir
@@ -127,6 +128,8 @@ def rank_env(cfg: MoelabConfig, slots_per_host: int) -> dict[str, str]:
     if cfg.cluster.ssh_args:
         env["PDSH_SSH_ARGS_APPEND"] = cfg.cluster.ssh_args
     env.update(cfg.cluster.env)
+    # moelab's sitecustomize first: DeepSpeed's launcher processes skip importing MLflow
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (startup.FOLDER, env.get("PYTHONPATH"))))
     return env
 
 
