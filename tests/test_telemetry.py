@@ -492,3 +492,57 @@ def test_train_progress_decides_whether_rank_0_asks_for_a_bar(progress: bool) ->
     tel.begin_step(1)
     tel.close()
     assert sink.bars == ([(cfg.train.steps, 0)] if progress else [])
+
+
+class ArtifactSink(RecordingSink):
+    """Rank 0's sink, as far as plots go: records every artifact logged."""
+
+    writes_artifacts = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.artifacts: list[tuple[Path, str | None]] = []
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((Path(path), artifact_path))
+
+
+def test_expert_load_plots_are_kept_in_the_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heatmaps rank 0 draws are written to `<run dir>/plots/` and stay there; nothing is
+    left in the temporary folder."""
+    from launcher.compose import compose_config, to_schema
+    from moelab.engine import DistInfo
+    from moelab.models import build_model
+    from moelab.telemetry import core
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    over = ["model=tiny_moe_top2", "train.log_every=2", "train.steps=4"]
+    cfg = to_schema(compose_config([*over, "telemetry.heatmap_every=2"]))
+    cfg.telemetry = dataclasses.replace(cfg.telemetry, system_metrics=False, peak_tflops=1.0)
+    cfg.run_dir = str(tmp_path / "run")
+    model = build_model(cfg.model).train()
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, ep_size=1)
+    sink = ArtifactSink()
+    tel = core.Telemetry(cfg, info, model, sink)
+    engine = SimpleNamespace(
+        get_lr=lambda: [0.5], get_global_grad_norm=lambda: 2.0, fp16_enabled=lambda: False
+    )
+    for step in range(1, 5):
+        tel.begin_step(step)
+        ids = torch.randint(0, 500, (2, 32))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        tel.on_micro_step(out)
+        tel.end_step(True)
+        tel.maybe_log(step, engine)
+    tel.close()
+    plots = tmp_path / "run" / "plots"
+    names = ["expert_load_step2.png", "expert_load_step4.png", "expert_load_over_time.png"]
+    assert sorted(sink.artifacts) == sorted((plots / name, "plots") for name in names)
+    assert sorted(p.name for p in plots.iterdir()) == sorted(names)
+    assert all(p.stat().st_size > 1000 for p in plots.iterdir())
+    assert list(scratch.iterdir()) == []

@@ -14,6 +14,7 @@ Every file name of a run lives here and nowhere else. Torch-free: the launcher i
     spool_artifacts/     artifacts waiting for the server      checkpoints/     DeepSpeed's + meta
     stop_requested       the launcher's stop request           hang/            hang dumps
     .hydra/              Hydra's record of the composition     moelab.log       Hydra's job log
+    plots/               rank 0's expert-load plots (PNG)
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class RunDir:
     def spool_artifacts(self) -> Path:
         """Artifacts logged while the server was away."""
         return self.root / "spool_artifacts"
+
+    @property
+    def plots(self) -> Path:
+        """Rank 0's expert-load heatmaps, also logged to MLflow under plots/."""
+        return self.root / "plots"
 
     @property
     def checkpoints(self) -> Path:

@@ -24,7 +24,6 @@ It runs the same code on every rank (collectives included); only the sink is ran
 from __future__ import annotations
 
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from moelab.config import MoelabConfig
 from moelab.engine import DistInfo, synchronize
 from moelab.flops import flops_per_token
+from moelab.rundir import RunDir
 from moelab.telemetry import plots
 from moelab.telemetry.experts import MoeTelemetry
 from moelab.telemetry.losses import WIDTH, LossWindow, train_metrics
@@ -98,9 +98,9 @@ class Telemetry:
         self.losses = LossWindow()
         self.bar: tqdm | None = None  # the progress bar, from the first step on
         self.show_progress = t.progress
-        self.plot_dir = Path(tempfile.mkdtemp(prefix="moelab-plots-"))
         # No plots for a sink that drops them (other ranks' NullSink).
         self.writes = getattr(sink, "writes_artifacts", not isinstance(sink, NullSink))
+        self.plot_dir = RunDir(self.run_dir).plots  # made by the first plot
         # Heatmaps are drawn and logged off the training thread (~50 ms each on a CPU core).
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelab-plots")
         self.pending: list[Future[None]] = []
@@ -279,6 +279,7 @@ class Telemetry:
         self.pending.append(self.pool.submit(self._heatmap, shares, layers, step))
 
     def _heatmap(self, shares: torch.Tensor, layers: list[int], step: int) -> None:
+        self.plot_dir.mkdir(parents=True, exist_ok=True)
         path = self.plot_dir / f"expert_load_step{step}.png"
         plots.load_heatmap(shares, layers, step, path)
         self.sink.log_artifact(path, "plots")
@@ -292,6 +293,7 @@ class Telemetry:
         self.pool.shutdown()
         if self.moe is not None:
             if self.writes and self.history:
+                self.plot_dir.mkdir(parents=True, exist_ok=True)
                 path = self.plot_dir / "expert_load_over_time.png"
                 plots.load_over_time(self.history, self.moe.layers, path)
                 self.sink.log_artifact(path, "plots")
