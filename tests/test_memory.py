@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +281,28 @@ def wait_ranks(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
         time.sleep(0.5)
 
 
-def run_probe_ranks(tmp_path: Path, *extra: str) -> tuple[list[int], Any]:
-    """Peak training memory (bytes) of each rank of a real run, and its config. The ranks are
-    started as `deepspeed` starts them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_* set; gloo)."""
+@dataclass
+class Probe:
+    """The ranks of one instrumented run, started (`start_probe`); `peaks` waits for them."""
+
+    cfg: Any
+    procs: list[subprocess.Popen[bytes]]
+    logs: list[tuple[Path, Path]]
+
+    def peaks(self) -> list[int]:
+        """Peak training memory (bytes) of each rank."""
+        wait_ranks(self.procs, timeout=600)
+        peaks = []
+        for proc, (out, err) in zip(self.procs, self.logs, strict=True):
+            assert proc.returncode == 0, (proc.returncode, err.read_text()[-3000:])
+            marks = json.loads(out.read_text().split("PROBE ")[-1])
+            peaks.append(marks["hwm"] - marks["rss0"] - (marks["file1"] - marks["file0"]))
+        return peaks
+
+
+def start_probe(tmp_path: Path, *extra: str) -> Probe:
+    """Start the ranks of a real run as `deepspeed` starts them (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_* set; gloo)."""
     cfg = probe_config(tmp_path, *extra)
     world = cfg.world_size
     env = launcher_env(tmp_path, tmp_path.parent / "cache")
@@ -296,20 +316,31 @@ def run_probe_ranks(tmp_path: Path, *extra: str) -> tuple[list[int], Any]:
         with out.open("wb") as o, err.open("wb") as e:
             rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
             procs.append(subprocess.Popen(cmd, env=rank_env, stdout=o, stderr=e))
-    wait_ranks(procs, timeout=600)
-    peaks = []
-    for proc, (out, err) in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, (proc.returncode, err.read_text()[-3000:])
-        marks = json.loads(out.read_text().split("PROBE ")[-1])
-        peaks.append(marks["hwm"] - marks["rss0"] - (marks["file1"] - marks["file0"]))
-    return peaks, cfg
+    return Probe(cfg, procs, logs)
 
 
-def run_probe(tmp_path: Path, *extra: str) -> tuple[int, Any]:
-    """Peak training memory (bytes) of a real 1-rank tiny_moe_top2 run, and its config."""
-    peaks, cfg = run_probe_ranks(tmp_path, *extra)
-    assert len(peaks) == 1, peaks
-    return peaks[0], cfg
+def run_probe_ranks(tmp_path: Path, *extra: str) -> tuple[list[int], Any]:
+    """Peak training memory (bytes) of each rank of a real run, and its config."""
+    probe = start_probe(tmp_path, *extra)
+    return probe.peaks(), probe.cfg
+
+
+# Two 1-rank probes share the 2 cores, one thread each: their peaks are their own (VmHWM is
+# per process), and the pair takes little more than one probe's start-up.
+PAIRED = ("train.threads_per_rank=1",)
+
+
+def run_probe_pair(
+    paths: tuple[Path, Path], extras: tuple[tuple[str, ...], tuple[str, ...]]
+) -> list[tuple[int, Any]]:
+    """Two real 1-rank runs at once: each one's peak training memory (bytes) and config."""
+    probes = [start_probe(path, *PAIRED, *extra) for path, extra in zip(paths, extras, strict=True)]
+    wait_ranks([proc for probe in probes for proc in probe.procs], timeout=900)
+    results = []
+    for probe in probes:
+        (peak,) = probe.peaks()
+        results.append((peak, probe.cfg))
+    return results
 
 
 TOLERANCE = 0.25  # the planner's stated accuracy against a real run (README)
@@ -326,28 +357,38 @@ def assert_planned_within_tolerance(measured: int, cfg: Any, who: str) -> None:
 BIG_VOCAB = ("model.vocab_size=50304", "data.seq_len=256", "model.max_seq_len=256")
 
 
+ESTIMATE_RUNS = {
+    "fp32-classic": ("train.precision=fp32", "model.moe.impl=classic"),
+    "bf16-classic": ("train.precision=bf16", "model.moe.impl=classic"),
+    "fp32-autoep": ("train.precision=fp32", "model.moe.impl=autoep"),
+    "bf16-classic-vocab50k": ("train.precision=bf16", "model.moe.impl=classic", *BIG_VOCAB),
+}
+
+
+@pytest.fixture(scope="module")
+def estimate_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Any]]:
+    """The four 1-rank ZeRO-0 runs of ESTIMATE_RUNS, two at a time: peak and config of each."""
+    root = tmp_path_factory.mktemp("estimate")
+    names, results = list(ESTIMATE_RUNS), {}
+    for pair in (names[:2], names[2:]):
+        paths = (root / pair[0], root / pair[1])  # one data cache: root / "cache"
+        extras = (ESTIMATE_RUNS[pair[0]], ESTIMATE_RUNS[pair[1]])
+        results |= dict(zip(pair, run_probe_pair(paths, extras), strict=True))
+    return results
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("precision", "impl", "vocab"),
-    [
-        ("fp32", "classic", ()),
-        ("bf16", "classic", ()),
-        ("fp32", "autoep", ()),
-        ("bf16", "classic", BIG_VOCAB),
-    ],
-    ids=["fp32-classic", "bf16-classic", "fp32-autoep", "bf16-classic-vocab50k"],
-)
+@pytest.mark.parametrize("name", list(ESTIMATE_RUNS))
 def test_memory_estimate_within_25_percent_of_a_real_run(
-    tmp_path: Path, precision: str, impl: str, vocab: tuple[str, ...]
+    estimate_runs: dict[str, tuple[int, Any]], name: str
 ) -> None:
     """1 rank, ZeRO-0. bf16: 2-byte weights, gradients and activations, 16 bytes of optimizer
     state a parameter (DeepSpeed's BF16_Optimizer: fp32 master, Adam m and v, fp32 gradient).
     autoep: no capacity padding, k expert rows a token (capacity_factor 1.25 would plan 25 %
     more MoE activations). vocab50k: bf16 logits and their gradient, plus the chunked loss's
     fp32 scratch (an fp32 copy of all logits would plan 57 % more than the run holds)."""
-    extra = (f"train.precision={precision}", f"model.moe.impl={impl}", *vocab)
-    measured, cfg = run_probe(tmp_path / "run", *extra)
-    assert_planned_within_tolerance(measured, cfg, f"{precision} {impl}")
+    measured, cfg = estimate_runs[name]
+    assert_planned_within_tolerance(measured, cfg, name)
 
 
 # ZeRO-2 allocates its two reduce buckets whole (a GPU holds all of them), but RSS counts
@@ -382,8 +423,11 @@ def test_gradient_accumulation_keeps_no_micro_step_output(tmp_path: Path) -> Non
     logits (B x T x V) outlive its backward. Keeping them, as the loop once did, costs 3 more
     logits tensors at 4 (and their fp32 log-softmax copies, as the loss once made)."""
     mb = ("train.micro_batch_size=32",)
-    one, cfg = run_probe(tmp_path / "ga1", *mb, "train.grad_accum=1", "train.steps=8")
-    four, _ = run_probe(tmp_path / "ga4", *mb, "train.grad_accum=4", "train.steps=2")
+    extras = (
+        (*mb, "train.grad_accum=1", "train.steps=8"),
+        (*mb, "train.grad_accum=4", "train.steps=2"),
+    )
+    (one, cfg), (four, _) = run_probe_pair((tmp_path / "ga1", tmp_path / "ga4"), extras)
     logits = 32 * cfg.data.seq_len * cfg.model.padded_vocab_size * 4  # fp32 bytes
     print(f"peak grad_accum 1: {one / 2**20:.1f} MiB, 4: {four / 2**20:.1f} MiB")
     # Measured: +15 MiB (allocator slack) against +662 MiB when the loop kept its outputs.
