@@ -76,6 +76,21 @@ def run_launcher(
     )
 
 
+def run_launchers(
+    cache: Path, runs: dict[str, tuple[Path, tuple[str, ...]]]
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Independent `run_launcher` calls at once, name -> (workdir, args): 1-rank runs with a
+    thread each (`train.threads_per_rank=1`) share the cores without slowing each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {
+            name: pool.submit(run_launcher, workdir, cache, *args)
+            for name, (workdir, args) in runs.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 120) -> None:
     """Wait until an `mlflow server` answers /health (fail with its log if it died)."""
     deadline = time.monotonic() + timeout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import run_launcher
+from helpers import run_launcher, run_launchers
 from moelab.checkpoint import read_meta
 from moelab.guard import (
     NonFiniteError,
@@ -138,47 +140,95 @@ def the_run(workdir: Path) -> tuple[MlflowClient, Any]:
     return client, run
 
 
-@pytest.mark.slow
-def test_nan_stops_the_run_naming_the_step(tmp_path: Path, shared_cache: Path) -> None:
-    overrides = ("model=tiny_dense", "cluster.nproc_per_node=1", "train.checkpoint_every=4")
-    fault = ("train.steps=8", "train.inject_nonfinite_step=6")
-    proc = run_launcher(tmp_path, shared_cache, *FAULT, *overrides, *fault)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == NAN_EXIT, out[-3000:]
-    # ZeRO 0: the NaN loss made NaN gradients, both named.
-    message = "moelab: error: step 6: loss=nan and grad norm=inf is not finite; lower train.lr"
-    assert message in out, out[-3000:]
-    assert f"moelab-launch: error: the run exited with code {NAN_EXIT}" in proc.stderr
-    assert "Traceback" not in out
-    (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
-    assert read_meta(run_dir)["step"] == 4  # type: ignore[index]
-    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step4"
-    finite_checkpoint(run_dir, 4)
-    client, run = the_run(tmp_path)
-    assert run.info.status == "FAILED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(steps) == [1, 2, 3, 4, 5]
-
-
-SKIP_RUNS = {
-    # ZeRO 0: moelab discards the update (the optimizer step becomes a zero_grad).
-    "zero0": ("model=tiny_dense", "zero=stage0", "cluster.nproc_per_node=1"),
-    # ZeRO 2: DeepSpeed's own step finds the NaN gradient norm and leaves the weights alone;
-    # two EP ranks, each writing its experts and its optimizer partition.
-    "zero2": ("model=tiny_moe_top2", "zero=stage2", "parallel=ep2"),
+# The 1-rank runs of this module, launched together (`one_rank_runs`).
+ONE_RANK = ("cluster.nproc_per_node=1", "train.threads_per_rank=1", "model=tiny_dense")
+SKIP = ("train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+ONE_RANK_RUNS = {
+    # ZeRO 0, no skipping: the run stops at the NaN step.
+    "stop": ("train.checkpoint_every=4", "train.steps=8", "train.inject_nonfinite_step=6"),
+    # ZeRO 0 with skipping: moelab discards the update (the optimizer step becomes a zero_grad).
+    "skip_zero0": (
+        "zero=stage0",
+        *SKIP,
+        "train.inject_nonfinite_step=3",
+        "train.skip_nonfinite=true",
+    ),
+    # fp16 (ZeRO-2) with the dynamic loss scale starting at 2**20.
+    "fp16": (
+        "zero=stage2",
+        *("train.precision=fp16", "train.steps=16", "train.fp16_initial_scale_power=20"),
+    ),
 }
 
 
+@dataclass(frozen=True)
+class GuardRun:
+    workdir: Path
+    proc: subprocess.CompletedProcess[str]
+
+    @property
+    def out(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    @property
+    def run_dir(self) -> Path:
+        (run_dir,) = (self.workdir / "runs" / "moelab").iterdir()
+        return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(
+    tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
+) -> dict[str, GuardRun]:
+    """ONE_RANK_RUNS, launched at once: each its own workdir, MLflow store and run dir."""
+    runs = {
+        name: (tmp_path_factory.mktemp(name), (*FAULT, *ONE_RANK, *args))
+        for name, args in ONE_RANK_RUNS.items()
+    }
+    done = run_launchers(shared_cache, runs)
+    return {name: GuardRun(runs[name][0], proc) for name, proc in done.items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", list(SKIP_RUNS))
-def test_nan_step_is_skipped_and_counted(tmp_path: Path, shared_cache: Path, zero: str) -> None:
+def test_nan_stops_the_run_naming_the_step(one_rank_runs: dict[str, GuardRun]) -> None:
+    run = one_rank_runs["stop"]
+    out = run.out
+    assert run.proc.returncode == NAN_EXIT, out[-3000:]
+    # ZeRO 0: the NaN loss made NaN gradients, both named.
+    message = "moelab: error: step 6: loss=nan and grad norm=inf is not finite; lower train.lr"
+    assert message in out, out[-3000:]
+    assert f"moelab-launch: error: the run exited with code {NAN_EXIT}" in run.proc.stderr
+    assert "Traceback" not in out
+    assert read_meta(run.run_dir)["step"] == 4  # type: ignore[index]
+    assert (run.run_dir / "checkpoints" / "latest").read_text() == "global_step4"
+    finite_checkpoint(run.run_dir, 4)
+    client, mlrun = the_run(run.workdir)
+    assert mlrun.info.status == "FAILED"
+    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+
+
+# ZeRO 2: DeepSpeed's own step finds the NaN gradient norm and leaves the weights alone; two
+# EP ranks, each writing its experts and its optimizer partition.
+ZERO2_SKIP = (
+    *("model=tiny_moe_top2", "zero=stage2", "parallel=ep2", *SKIP),
+    *("train.inject_nonfinite_step=3", "train.skip_nonfinite=true"),
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+def test_nan_step_is_skipped_and_counted(
+    tmp_path: Path, shared_cache: Path, one_rank_runs: dict[str, GuardRun], zero: str
+) -> None:
     """A checkpoint after every step: the one after the skipped step 3 equals the one before
     it, tensor for tensor (weights and Adam state); step 4, a normal step, changes them all."""
-    steps = ("train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=5")
-    fault = ("train.inject_nonfinite_step=3", "train.skip_nonfinite=true")
-    proc = run_launcher(tmp_path, shared_cache, *FAULT, *SKIP_RUNS[zero], *steps, *fault)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    (run_dir,) = (tmp_path / "runs" / "moelab").iterdir()
+    if zero == "zero0":
+        run = one_rank_runs["skip_zero0"]
+    else:
+        run = GuardRun(tmp_path, run_launcher(tmp_path, shared_cache, *FAULT, *ZERO2_SKIP))
+    assert run.proc.returncode == 0, run.out[-3000:]
+    run_dir = run.run_dir
     before, skipped, after = (saved_tensors(run_dir, step) for step in (2, 3, 4))
     assert before.keys() == skipped.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], skipped[k])]
@@ -188,10 +238,11 @@ def test_nan_step_is_skipped_and_counted(tmp_path: Path, shared_cache: Path, zer
     ]
     assert not unchanged, f"the normal step 4 left {len(unchanged)} unchanged: {unchanged[:4]}"
     finite_checkpoint(run_dir, 5)
-    client, run = the_run(tmp_path)
-    skips = client.get_metric_history(run.info.run_id, "train/skipped_steps")
+    client, mlrun = the_run(run.workdir)
+    skips = client.get_metric_history(mlrun.info.run_id, "train/skipped_steps")
     assert {m.step: m.value for m in skips} == {s: float(s >= 3) for s in range(1, 6)}
-    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    history = client.get_metric_history(mlrun.info.run_id, "train/loss")
+    loss = {m.step: m.value for m in history}
     assert sorted(loss) == [1, 2, 4, 5]  # the skipped step has no loss
     assert all(math.isfinite(v) for v in loss.values())
 
@@ -255,17 +306,15 @@ def test_a_nonfinite_loss_is_a_fault_in_every_precision(precision: str) -> None:
 
 
 @pytest.mark.slow
-def test_fp16_run_survives_loss_scale_overflows(tmp_path: Path, shared_cache: Path) -> None:
+def test_fp16_run_survives_loss_scale_overflows(one_rank_runs: dict[str, GuardRun]) -> None:
     """fp16 (ZeRO-2) with the dynamic loss scale starting at 2**20: fp16 gradients overflow
     until DeepSpeed, skipping each such step, has halved the scale enough; the run then trains
     normally and ends with a finite loss."""
-    overrides = ("model=tiny_dense", "zero=stage2", "cluster.nproc_per_node=1")
-    steps = ("train.precision=fp16", "train.steps=16", "train.fp16_initial_scale_power=20")
-    proc = run_launcher(tmp_path, shared_cache, *FAULT, *overrides, *steps)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    client, run = the_run(tmp_path)
+    run = one_rank_runs["fp16"]
+    assert run.proc.returncode == 0, run.out[-3000:]
+    client, mlrun = the_run(run.workdir)
     metric = {
-        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        key: [m.value for m in client.get_metric_history(mlrun.info.run_id, key)]
         for key in ("train/overflow_steps", "train/loss_scale", "train/loss", "train/skipped_steps")
     }
     assert 3 <= metric["train/overflow_steps"][-1] < 12, metric
