@@ -1,4 +1,4 @@
-"""Real `moelab-launch` runs (and the plain DeepSpeed baseline), alternated A B C A B C.
+"""Real `moelab-launch` runs (and the plain DeepSpeed baseline), alternated A B C C B A.
 
 Sections (each a table and one JSONL record in benchmarks/results/):
   variants  seed_cpu_{dense,moe,hybrid} on 2 ranks, ep_size 2: tokens/s and the measured
@@ -6,7 +6,8 @@ Sections (each a table and one JSONL record in benchmarks/results/):
             moe top-1 vs top-2 and moe_layer_frequency 1 vs 2; the MoE and hybrid
             again with model.moe.impl=autoep (DeepSpeed AutoEP, dropless)  -> variants.jsonl
   overhead  moelab-launch vs benchmarks/baseline/train_plain.py (same model, data, ds_config):
-            time to first step and steady step time                     -> overhead.jsonl
+            time to first step and steady step time; the plain script run twice a round
+            gives the A/A control: what the same command differs by from itself -> overhead.jsonl
   scaling   1 vs 2 ranks, ep_size 1 vs 2                                 -> scaling.jsonl
             (step time vs num_experts at fixed top-k and tokens: moe_layer.py's experts table)
 
@@ -78,6 +79,8 @@ CASES = [
     Case("moe_top1", (*MOE, "model.moe.top_k=1"), sections=("variants",)),
     Case("moe_freq2", (*MOE, "model.moe.moe_layer_frequency=2"), sections=("variants",)),
     Case("baseline", MOE, baseline=True, sections=("overhead",)),
+    # The plain script again, in the same rounds: the A/A control (the bench's noise floor).
+    Case("baseline_again", MOE, baseline=True, sections=("overhead",)),
     Case("moe_ep1", ("model=seed_cpu_moe", "parallel.ep_size=1"), sections=("scaling",)),
     Case("moe_1rank", ("model=seed_cpu_moe", "parallel.ep_size=1"), 1, sections=("scaling",)),
 ]

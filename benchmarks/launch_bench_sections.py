@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchlib import format_table, median_ratio, verdict
+from benchlib import format_table, median_ratio, paired_ratios, verdict
 
 SEED_RATIOS = {"moe": 1.9, "hybrid": 1.5}
 FIRST_STEP_SLACK_S = 2.0
@@ -121,10 +121,8 @@ def _median_extra(ms: list[Measure], key: str) -> float:
 def overhead_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
     m, b = r["moe"], r["baseline"]
     steady_ratio = median_ratio(steady(r, "moe"), steady(r, "baseline"))
-    first_delta = statistics.median(
-        x.first_step_s - y.first_step_s for x, y in zip(m, b, strict=True)
-    )
-    total_delta = statistics.median(x.total_s - y.total_s for x, y in zip(m, b, strict=True))
+    first_delta = median_delta(m, b, "first_step_s")
+    total_delta = median_delta(m, b, "total_s")
     rows = [
         [
             "steady step time (s)",
@@ -148,14 +146,55 @@ def overhead_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
             "-",
         ],
     ]
-    table = format_table(["", "moelab-launch", "plain DeepSpeed", "difference", "target"], rows)
-    return table, {
+    out: dict[str, Any] = {
         "steady_ratio": steady_ratio,
+        "steady_ratios": paired_ratios(steady(r, "moe"), steady(r, "baseline")),
         "first_step_delta_s": first_delta,
         "total_delta_s": total_delta,
         "moelab": [dataclasses.asdict(x) for x in m],
         "baseline": [dataclasses.asdict(x) for x in b],
     }
+    if "baseline_again" in r:
+        rows += control_rows(r, out)
+    table = format_table(["", "moelab-launch", "plain DeepSpeed", "difference", "target"], rows)
+    return table, out
+
+
+def median_delta(a: list[Measure], b: list[Measure], key: str) -> float:
+    """Median over rounds of a[i].key - b[i].key."""
+    return statistics.median(getattr(x, key) - getattr(y, key) for x, y in zip(a, b, strict=True))
+
+
+def control_rows(r: dict[str, list[Measure]], out: dict[str, Any]) -> list[list[Any]]:
+    """The A/A rows: the plain script against itself, measured as moelab is against it. A
+    moelab difference inside their spread is not resolved by this many rounds."""
+    again, b = r["baseline_again"], r["baseline"]
+    ratios = paired_ratios(steady(r, "baseline_again"), steady(r, "baseline"))
+    deltas = [x.first_step_s - y.first_step_s for x, y in zip(again, b, strict=True)]
+    out |= {
+        "aa_steady_ratio": statistics.median(ratios),
+        "aa_steady_ratios": ratios,
+        "aa_first_step_delta_s": statistics.median(deltas),
+        "aa_first_step_deltas_s": deltas,
+        "baseline_again": [dataclasses.asdict(x) for x in again],
+    }
+    spread = f"rounds {min(ratios):.3f}-{max(ratios):.3f}"
+    return [
+        [
+            "A/A: steady step, plain again (s)",
+            "-",
+            statistics.median(steady(r, "baseline_again")),
+            f"x{statistics.median(ratios):.3f}",
+            spread,
+        ],
+        [
+            "A/A: first step, plain again (s)",
+            "-",
+            statistics.median(x.first_step_s for x in again),
+            f"{statistics.median(deltas):+.2f} s",
+            f"rounds {min(deltas):+.1f} to {max(deltas):+.1f} s",
+        ],
+    ]
 
 
 def scaling_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:

@@ -14,14 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import benchlib
 
 
-def test_schedule_alternates_every_round() -> None:
-    assert benchlib.schedule(["a", "b"], 3) == [
+def test_schedule_alternates_every_round_and_reverses_the_order() -> None:
+    assert benchlib.schedule(["a", "b", "c"], 3) == [
         (0, "a"),
         (0, "b"),
-        (1, "a"),
+        (0, "c"),
+        (1, "c"),
         (1, "b"),
+        (1, "a"),
         (2, "a"),
         (2, "b"),
+        (2, "c"),
     ]
 
 
@@ -373,3 +376,28 @@ def test_gpu_wheel_list_from_a_resolution_report(tmp_path: Path) -> None:
     assert "Version: 2.11.0+image" in meta and "Requires-Dist" not in meta
     assert "torch-2.11.0+image.dist-info/WHEEL,sha256=" in record
     assert benchlib.folder_bytes(tmp_path) == wheel.stat().st_size
+
+
+def test_overhead_section_reports_the_plain_script_against_itself() -> None:
+    """The A/A control: the plain script's second launch per round is compared with its first,
+    as moelab is, so the table shows the noise floor beside moelab's difference."""
+    from launch_bench_sections import Measure, overhead_section
+
+    def runs(steady: list[float], first: list[float]) -> list[Measure]:
+        return [Measure(s, f, f + 10, 1024) for s, f in zip(steady, first, strict=True)]
+
+    r = {
+        "moe": runs([1.10, 1.20, 1.05], [12.0, 13.0, 11.0]),
+        "baseline": runs([1.00, 1.00, 1.00], [10.0, 10.0, 10.0]),
+        "baseline_again": runs([1.04, 0.98, 1.01], [10.5, 9.0, 10.2]),
+    }
+    table, out = overhead_section(r)
+    assert out["steady_ratio"] == pytest.approx(1.10)
+    assert out["aa_steady_ratios"] == pytest.approx([1.04, 0.98, 1.01])
+    assert out["aa_steady_ratio"] == pytest.approx(1.01)
+    assert out["aa_first_step_delta_s"] == pytest.approx(0.2)
+    assert "A/A: steady step" in table and "rounds 0.980-1.040" in table
+    assert "x1.100" in table and "MISS" in table
+    del r["baseline_again"]  # an older record or a --cases subset: no control rows
+    table, out = overhead_section(r)
+    assert "A/A" not in table and "aa_steady_ratio" not in out
