@@ -219,12 +219,12 @@ ZERO2_SKIP = (
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero0", "zero2"])
 def test_nan_step_is_skipped_and_counted(
-    tmp_path: Path, shared_cache: Path, one_rank_runs: dict[str, GuardRun], zero: str
+    tmp_path: Path, shared_cache: Path, request: pytest.FixtureRequest, zero: str
 ) -> None:
     """A checkpoint after every step: the one after the skipped step 3 equals the one before
     it, tensor for tensor (weights and Adam state); step 4, a normal step, changes them all."""
-    if zero == "zero0":
-        run = one_rank_runs["skip_zero0"]
+    if zero == "zero0":  # one of the module's 1-rank runs
+        run = request.getfixturevalue("one_rank_runs")["skip_zero0"]
     else:
         run = GuardRun(tmp_path, run_launcher(tmp_path, shared_cache, *FAULT, *ZERO2_SKIP))
     assert run.proc.returncode == 0, run.out[-3000:]
