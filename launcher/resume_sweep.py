@@ -6,7 +6,8 @@ MLflow child run. A job is finished when its run ended FINISHED with no checkpoi
 train.steps; finished jobs are left alone. The others run again one after another, each into its
 own child run: from the newest checkpoint (`launcher.resume.resume`), or from step 1 when it has
 none. The sweep's parent run is RUNNING meanwhile and ends FINISHED only if every job then
-finished. Ctrl-C stops the current job with a checkpoint and starts no other.
+finished. Ctrl-C stops the current job with a checkpoint and starts no other. A job the sweep
+never reached (expanded again from multirun.yaml) is listed with the command that runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +47,13 @@ class Child:
 
     num: int
     overrides: list[str]
-    run_dir: Path | None  # None: its config was refused and its run dir removed
+    run_dir: Path | None  # None: its config was refused and its run dir removed, or never started
     steps: int = 0
     step: int | None = None  # of the newest complete checkpoint
     run_id: str | None = None
     status: str = "-"  # of its MLflow run
     uri: str | None = None
+    started: bool = True  # False: the sweep stopped before Hydra reached this job
 
     @property
     def finished(self) -> bool:
@@ -58,6 +61,8 @@ class Child:
 
     @property
     def action(self) -> str:
+        if not self.started:
+            return "never started: run it on its own"
         if self.run_dir is None:
             return "cannot resume: config refused"
         if self.finished:
@@ -136,6 +141,38 @@ def refused_children(uri: str, parent_id: str, known: list[Child]) -> list[Child
     ]
 
 
+def swept_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides by job number, expanded from multirun.yaml as Hydra's basic
+    sweeper expands them; None for another sweeper or a sweep not parsed without its config
+    (a glob choice), whose jobs are known only from what they left."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    hydra = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())["hydra"]
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith(BasicSweeper.__name__):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides(params + hydra["overrides"]["task"])
+        batches = BasicSweeper.split_arguments(overrides, sweeper.get("max_batch_size"))
+    except HydraException:
+        return None
+    return [job for batch in batches for job in batch]
+
+
+def with_unstarted(children: list[Child], jobs: list[list[str]] | None) -> list[Child]:
+    """`children` plus a `started=False` child for each swept job that left nothing."""
+    known = {c.num for c in children}
+    missing = [
+        Child(num, overrides, None, started=False)
+        for num, overrides in enumerate(jobs or [])
+        if num not in known
+    ]
+    return sorted(children + missing, key=lambda c: c.num)
+
+
 def table(children: list[Child]) -> str:
     shown = sweep.varying_overrides([JobOutcome(c.num, c.overrides) for c in children])
     rows = [
@@ -203,7 +240,7 @@ def children_of(sweep_dir: Path) -> tuple[str, str, list[Child]]:
         fail(f"{sweep_dir} holds no job's run dir (config.yaml); no job of this sweep can resume.")
     uri, parent_id = parent_of(sweep_dir, found)
     found += refused_children(uri, parent_id, found)
-    return uri, parent_id, sorted(found, key=lambda c: c.num)
+    return uri, parent_id, with_unstarted(found, swept_jobs(sweep_dir))
 
 
 def resume_sweep(sweep_dir: Path, overrides: list[str]) -> int:
@@ -213,6 +250,13 @@ def resume_sweep(sweep_dir: Path, overrides: list[str]) -> int:
     uri, parent_id, children = children_of(sweep_dir)
     print(f"moelab-launch: sweep {sweep_dir} (parent run {parent_id})")
     print(table(children), flush=True)
+    for child in children:
+        if not child.started:
+            print(
+                f"moelab-launch: job {child.num} never started (the sweep stopped before it); "
+                f"run it on its own: {shlex.join(['moelab-launch', *child.overrides])}",
+                flush=True,
+            )
     todo = [c for c in children if c.run_dir is not None and not c.finished]
     if not todo:
         if all(c.finished for c in children):

@@ -5,16 +5,25 @@ launched once per module (`resumed_sweep`); each test reads what one stage left.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers import run_launcher
-from launcher.resume_sweep import Child, is_sweep_dir, resume_sweep
+from launcher.resume_sweep import (
+    Child,
+    is_sweep_dir,
+    report,
+    resume_sweep,
+    swept_jobs,
+    with_unstarted,
+)
 from moelab.checkpoint import read_meta
 
 STEPS = 4
@@ -117,6 +126,42 @@ def test_the_sweep_left_one_job_finished_and_one_stopped(resumed_sweep: ResumedS
     assert (swept.jobs[0].status, swept.jobs[0].checkpoint) == ("FINISHED", STEPS)
     assert (swept.jobs[1].status, swept.jobs[1].checkpoint) == ("KILLED", 2)
     assert train_steps(swept.jobs[1]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_the_swept_jobs_are_numbered_as_hydra_ran_them(resumed_sweep: ResumedSweep) -> None:
+    """multirun.yaml expanded again gives each job's overrides as Hydra recorded them in the
+    job's run dir, under the job's number: what a resume lists a job it never reached by."""
+    recorded = {}
+    for hydra_dir in resumed_sweep.sweep_dir.glob("*/.hydra"):
+        num = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["job"]["num"]
+        recorded[int(num)] = yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
+    assert swept_jobs(resumed_sweep.sweep_dir) == [recorded[0], recorded[1]]
+    assert [o for o in recorded[1] if o.startswith("train.stop_after")] == ["train.stop_after=2"]
+
+
+@pytest.mark.slow
+def test_a_job_the_sweep_never_reached_is_named_with_its_command(
+    resumed_sweep: ResumedSweep, shared_cache: Path, tmp_path: Path
+) -> None:
+    """The finished sweep's dir, copied, with a third `train.stop_after` value in its
+    multirun.yaml: job 2 left nothing, as when a sweep is stopped before its last job. The
+    resume lists it, prints the command that runs it, starts nothing and exits 1."""
+    copy = tmp_path / resumed_sweep.sweep_dir.name
+    shutil.copytree(resumed_sweep.sweep_dir, copy)
+    multirun = copy / "multirun.yaml"
+    multirun.write_text(
+        multirun.read_text().replace("train.stop_after=0,2", "train.stop_after=0,2,3")
+    )
+    proc = run_launcher(resumed_sweep.sweep_dir.parents[2], shared_cache, "resume", str(copy))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("2 "))
+    assert row.split()[:6] == ["2", "-", "-/-", "never", "started:", "run"], row
+    command = " ".join(["moelab-launch", *SWEEP[1:-1], "train.stop_after=3"])
+    assert f"job 2 never started (the sweep stopped before it); run it on its own: {command}" in out
+    assert "1 of 3 sweep jobs did not finish (job 2)" in proc.stderr
+    assert "moelab-launch: job 0:" not in out and "moelab-launch: job 1:" not in out
 
 
 @pytest.mark.slow
@@ -240,3 +285,57 @@ def test_the_action_of_each_job(
     child = Child(0, [], tmp_path if run_dir else None, steps=4, step=step, status=status)
     assert child.action == action
     assert child.finished == (action == "left alone")
+
+
+def sweep_file(tmp_path: Path, sweeper: dict[str, Any], task: list[str]) -> Path:
+    """A sweep dir whose multirun.yaml holds what Hydra saves of the sweeper and overrides."""
+    text = yaml.safe_dump({"hydra": {"sweeper": sweeper, "overrides": {"task": task}}})
+    (tmp_path / "multirun.yaml").write_text(text)
+    return tmp_path
+
+
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def test_swept_jobs_expand_params_then_overrides_in_batches(tmp_path: Path) -> None:
+    """The sweeper's params come before the command line's overrides; jobs are numbered
+    across batches."""
+    sweeper = {"_target_": BASIC, "max_batch_size": 1, "params": {"train.seed": "1,2"}}
+    sweep_dir = sweep_file(tmp_path, sweeper, ["model=tiny_dense,tiny_moe_top1", "train.steps=4"])
+    assert swept_jobs(sweep_dir) == [
+        ["train.seed=1", "model=tiny_dense", "train.steps=4"],
+        ["train.seed=1", "model=tiny_moe_top1", "train.steps=4"],
+        ["train.seed=2", "model=tiny_dense", "train.steps=4"],
+        ["train.seed=2", "model=tiny_moe_top1", "train.steps=4"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "task"),
+    [
+        ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", ["model=tiny_dense"]),
+        (BASIC, ["model=glob(tiny_*)"]),  # needs the config's choices to expand
+    ],
+)
+def test_swept_jobs_are_unknown_for_other_sweepers_and_globs(
+    tmp_path: Path, target: str, task: list[str]
+) -> None:
+    assert swept_jobs(sweep_file(tmp_path, {"_target_": target}, task)) is None
+
+
+def test_a_job_the_sweep_never_reached_is_listed_and_fails_the_resume(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Job 1 left nothing (the sweep was stopped in job 0): it is listed as never started, and
+    the resume cannot end with every job finished."""
+    jobs = [["model=tiny_dense"], ["model=tiny_moe_top1"], ["model=tiny_arctic"]]
+    done = Child(0, jobs[0], tmp_path, steps=4, step=4, status="FINISHED")
+    refused = Child(2, jobs[2], None, status="FAILED")
+    children = with_unstarted([refused, done], jobs)
+    assert [(c.num, c.started) for c in children] == [(0, True), (1, False), (2, True)]
+    never = children[1]
+    assert (never.overrides, never.run_dir, never.finished) == (jobs[1], None, False)
+    assert never.action == "never started: run it on its own"
+    assert with_unstarted([done], None) == [done]  # another sweeper: only what jobs left
+    assert report(children) == 1
+    assert "2 of 3 sweep jobs did not finish (job 1, 2)" in capsys.readouterr().err
