@@ -278,9 +278,13 @@ class Telemetry:
         layers = self.moe.layers if self.moe else []
         self.pending.append(self.pool.submit(self._heatmap, shares, layers, step))
 
-    def _heatmap(self, shares: torch.Tensor, layers: list[int], step: int) -> None:
+    def _plot_path(self, name: str) -> Path:
+        """Where rank 0 writes plot `name` (the run dir's plots/, made on first use)."""
         self.plot_dir.mkdir(parents=True, exist_ok=True)
-        path = self.plot_dir / f"expert_load_step{step}.png"
+        return self.plot_dir / name
+
+    def _heatmap(self, shares: torch.Tensor, layers: list[int], step: int) -> None:
+        path = self._plot_path(f"expert_load_step{step}.png")
         plots.load_heatmap(shares, layers, step, path)
         self.sink.log_artifact(path, "plots")
 
@@ -293,8 +297,7 @@ class Telemetry:
         self.pool.shutdown()
         if self.moe is not None:
             if self.writes and self.history:
-                self.plot_dir.mkdir(parents=True, exist_ok=True)
-                path = self.plot_dir / "expert_load_over_time.png"
+                path = self._plot_path("expert_load_over_time.png")
                 plots.load_over_time(self.history, self.moe.layers, path)
                 self.sink.log_artifact(path, "plots")
             self.moe.close()
