@@ -160,9 +160,14 @@ def overhead_section(r: dict[str, list[Measure]]) -> tuple[str, dict[str, Any]]:
     return table, out
 
 
+def paired_deltas(a: list[Measure], b: list[Measure], key: str) -> list[float]:
+    """a[i].key - b[i].key for each round i (both measured in the same round)."""
+    return [getattr(x, key) - getattr(y, key) for x, y in zip(a, b, strict=True)]
+
+
 def median_delta(a: list[Measure], b: list[Measure], key: str) -> float:
     """Median over rounds of a[i].key - b[i].key."""
-    return statistics.median(getattr(x, key) - getattr(y, key) for x, y in zip(a, b, strict=True))
+    return statistics.median(paired_deltas(a, b, key))
 
 
 def control_rows(r: dict[str, list[Measure]], out: dict[str, Any]) -> list[list[Any]]:
@@ -170,7 +175,7 @@ def control_rows(r: dict[str, list[Measure]], out: dict[str, Any]) -> list[list[
     moelab difference inside their spread is not resolved by this many rounds."""
     again, b = r["baseline_again"], r["baseline"]
     ratios = paired_ratios(steady(r, "baseline_again"), steady(r, "baseline"))
-    deltas = [x.first_step_s - y.first_step_s for x, y in zip(again, b, strict=True)]
+    deltas = paired_deltas(again, b, "first_step_s")
     out |= {
         "aa_steady_ratio": statistics.median(ratios),
         "aa_steady_ratios": ratios,
