@@ -84,6 +84,10 @@ SYMBOLS: dict[str, tuple[str, str]] = {
         "the balance=bias refusal (load_balance_coeff)",
     ),
     "autotuning.Autotuner.tune": ("Autotuner.tune", "defer_mlflow_import (mlflow's only use)"),
+    "zero/muon/muon_optimizer.py": (
+        "muon_optimizer.py",
+        "skip_muon_import (the names it imports from original_muon)",
+    ),
 }
 
 
@@ -98,7 +102,8 @@ def _symbols() -> dict[str, Any]:
     from deepspeed.utils import groups, timer
 
     timers = timer.SynchronizedWallClockTimer
-    shm = Path(deepspeed.__file__).parent / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp"
+    root = Path(deepspeed.__file__).parent
+    shm = root / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp"
     return {
         "sharded_moe.TopKGate.__init__": sharded_moe.TopKGate.__init__,
         "sharded_moe.TopKGate.forward": sharded_moe.TopKGate.forward,
@@ -134,6 +139,7 @@ def _symbols() -> dict[str, Any]:
             base._raise_unsupported_load_balance_coeff
         ),
         "autotuning.Autotuner.tune": Autotuner.tune,
+        "zero/muon/muon_optimizer.py": (root / "runtime/zero/muon/muon_optimizer.py").read_text(),
     }
 
 

@@ -15,7 +15,8 @@ from helpers import REPO, one_rank_env
 
 # One gloo rank, for each (stage, trainable) case: build tiny MoE, freeze by `trainable`,
 # deepspeed.initialize with ZeRO `stage`, take three optimizer steps (the warm-up's first two
-# have lr 0), and report which tensors changed and how many elements the optimizer holds.
+# have lr 0), and report which tensors changed, how many elements the optimizer holds, and
+# which of DeepSpeed's Muon code and torch.compile's inductor were loaded from their files.
 CHILD = textwrap.dedent(
     """
     import json, os, sys
@@ -27,6 +28,7 @@ CHILD = textwrap.dedent(
     from moelab.finetune import freeze, parse_trainable
     from moelab.models import build_model
 
+    LOADED = ("deepspeed.runtime.zero.muon.original_muon", "torch._inductor.compile_fx")
     engine.init_distributed(1)
     for case in sys.argv[1:]:
         stage, trainable = case.split(":", 1)
@@ -52,6 +54,7 @@ CHILD = textwrap.dedent(
             "trainable": summary.trainable,
             "optimizer_numel": sum(p.numel() for g in groups for p in g["params"]),
             "groups": len(groups),
+            "loaded": [m for m in LOADED if getattr(sys.modules.get(m), "__file__", None)],
         }))
     """
 )
@@ -91,6 +94,13 @@ def test_zero_router_only_has_one_dense_group(frozen_runs: dict[str, dict[str, A
     changed = out["changed"]
     assert len(changed) == 4 and all(".gate.wg." in n for n in changed), changed
     assert out["groups"] == 1 and out["optimizer_numel"] == out["trainable"]
+
+
+def test_zero_engines_load_neither_muon_nor_inductor(frozen_runs: dict[str, Any]) -> None:
+    """DeepSpeed's ZeRO check imports its Muon optimizer, whose torch.compile loads inductor
+    (1.5-3 s of CPU per rank), unless `dscompat.skip_muon_import` stands in for it."""
+    loaded = {case: out["loaded"] for case, out in frozen_runs.items()}
+    assert loaded == {case: [] for case in CASES}
 
 
 # NCCL has no CPU backend: every tensor the ranks hand to a collective must live on the

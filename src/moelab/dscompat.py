@@ -36,6 +36,8 @@ upgrade fails there, naming what to re-check. What is touched, and why:
 - `deepspeed.autotuning.autotuner` imports mlflow when DeepSpeed is imported, about 1.2 s of
   CPU in every rank though training never autotunes: `defer_mlflow_import` leaves it unloaded
   until rank 0's MLflow threads need it (`load_mlflow`).
+- ZeRO imports `zero.muon.original_muon` (the names `muon_optimizer.py` takes from it) for its
+  Muon checks; its `@torch.compile` loads inductor, 1.5-3 s of CPU a rank: `skip_muon_import`.
 - The checkpoint file names of `DeepSpeedEngine._get_ckpt_name` and `_get_expert_ckpt_name`
   (`NON_EXPERT_FILE`, `EXPERT_FILE`, `MODEL_STATES_GLOB`), read by export and fine-tuning.
 - `optimizer.step` of the engine's optimizer is replaced while an update is skipped
@@ -119,9 +121,21 @@ def load_mlflow() -> None:
             importlib.import_module("mlflow")
 
 
+def _muon_not_loaded(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("moelab trains with AdamW: DeepSpeed's Muon code is not loaded.")
+
+
+def skip_muon_import() -> None:
+    """Before `deepspeed.initialize`: `zero.muon.original_muon`, which ZeRO imports for its Muon
+    checks and steps (never taken with moelab's AdamW), is a stand-in that raises if called."""
+    stand_in, fail = types.ModuleType("deepspeed.runtime.zero.muon.original_muon"), _muon_not_loaded
+    muon = type("MuonWithAuxAdam", (), {"__init__": fail})
+    vars(stand_in).update(MuonWithAuxAdam=muon, adam_update=fail, muon_update=fail)
+    sys.modules.setdefault(stand_in.__name__, stand_in)  # unless the real one is loaded
+
+
 def check_deepspeed(installed: str | None = None) -> None:
-    """Raise DeepSpeedVersionError unless `installed` (default: the installed DeepSpeed) is
-    the supported version."""
+    """Raise DeepSpeedVersionError unless `installed` (default: the installed one) is supported."""
     supported = supported_deepspeed()
     version = installed if installed is not None else metadata.version("deepspeed")
     if version.split("+")[0] != supported:  # a local build label (+hash) is the same release
@@ -209,17 +223,12 @@ def set_moe_timing_flags(moe: Any, on: bool) -> None:
 
 def moe_timer_ms(moe: Any) -> dict[str, float]:
     """{'a2a1', 'a2a2', 'moe', 'gate'}: ms in one `MoE` layer's timers, which are then reset."""
-    from deepspeed.moe.sharded_moe import (
-        FIRST_ALLTOALL_TIMER,
-        MOE_TIMER,
-        SECOND_ALLTOALL_TIMER,
-        TOPK_GATE_TIMER,
-    )
+    from deepspeed.moe import sharded_moe as sm
 
     layer = moe.deepspeed_moe
-    names = {"a2a1": FIRST_ALLTOALL_TIMER, "a2a2": SECOND_ALLTOALL_TIMER, "moe": MOE_TIMER}
+    names = {"a2a1": sm.FIRST_ALLTOALL_TIMER, "a2a2": sm.SECOND_ALLTOALL_TIMER, "moe": sm.MOE_TIMER}
     ms = {key: _read_timer(layer.timers, name) for key, name in names.items()}
-    ms["gate"] = _read_timer(layer.gate.timers, TOPK_GATE_TIMER)
+    ms["gate"] = _read_timer(layer.gate.timers, sm.TOPK_GATE_TIMER)
     return ms
 
 

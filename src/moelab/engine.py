@@ -150,6 +150,7 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     trainable = [p for p in model.parameters() if p.requires_grad]
     hide = ds_config["zero_optimization"]["stage"] in (1, 2) and experts_all_frozen(model)
     ds_config = pick_optimizer(ds_config, get_accelerator().device_name())
+    dscompat.skip_muon_import()
     with dscompat.zero_optimizer_without_moe() if hide else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=ds_config
