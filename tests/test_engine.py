@@ -74,7 +74,6 @@ def frozen_runs() -> dict[str, dict[str, Any]]:
     return {r["case"]: r for r in reports}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_every_expert_frozen_trains_only_the_rest(
     frozen_runs: dict[str, dict[str, Any]], stage: int
@@ -263,7 +262,6 @@ LOOP_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_an_optimizer_step_makes_one_all_reduce_and_one_host_read() -> None:
     """The loop's own bookkeeping per optimizer step (non-finite guard, stop request, losses):
     one small all-reduce and one read of its result; the losses stay on the device. (Before:

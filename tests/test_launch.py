@@ -371,7 +371,6 @@ def test_ranks_only_load_prepared_data(tmp_path: Path) -> None:
     assert not cache.exists() or not any(cache.iterdir()), "a rank prepared data"
 
 
-@pytest.mark.slow
 def test_no_ssh_node_scripts_prepare_their_host_first(tmp_path: Path) -> None:
     """node_N.sh (no_ssh) prepares the data on its host, then execs its deepspeed command."""
     import subprocess
@@ -415,7 +414,6 @@ print("later group", later._get_backend(torch.device("cpu")).options._timeout, f
 """
 
 
-@pytest.mark.slow
 def test_process_group_timeout_reaches_later_groups(tmp_path: Path) -> None:
     """One gloo rank: the world and the groups made after it (expert-parallel groups) wait
     timeout_minutes, not torch's default of 30 (gloo) or 10 (NCCL) minutes."""
