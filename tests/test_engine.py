@@ -95,7 +95,9 @@ def test_zero_router_only_has_one_dense_group(frozen_runs: dict[str, dict[str, A
     assert out["groups"] == 1 and out["optimizer_numel"] == out["trainable"]
 
 
-def test_zero_engines_load_neither_muon_nor_inductor(frozen_runs: dict[str, Any]) -> None:
+def test_zero_engines_load_neither_muon_nor_inductor(
+    frozen_runs: dict[str, dict[str, Any]],
+) -> None:
     """DeepSpeed's ZeRO check imports its Muon optimizer, whose torch.compile loads inductor
     (1.5-3 s of CPU per rank), unless `dscompat.skip_muon_import` stands in for it."""
     loaded = {case: out["loaded"] for case, out in frozen_runs.items()}
