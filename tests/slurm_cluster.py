@@ -7,7 +7,9 @@ namespace (host name n1|n2), on a veth link to a bridge in this machine's namesp
 own address (NodeAddr); `slurmctld` stays here and listens on the bridge's address. Whatever
 a job starts on a node (its ranks) inherits the node's namespaces. `stop` ends every daemon
 and job step it started, removes the namespaces, the bridge and the folder, whatever state
-the tests left.
+the tests left. A watchdog thread notices a daemon that dies (slurmd 22.05 once aborted in
+glibc's heap check under concurrent step launches): it stops the launchers the tests follow,
+and `check` then fails each test at once, naming the daemon and the end of its output.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +180,11 @@ class SlurmCluster:
     """The daemons of one test session; `env` points Slurm's clients at them."""
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="moelab-slurm-")))
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     net: NodeNetwork = field(default_factory=NodeNetwork)
+    followers: list[subprocess.Popen[str]] = field(default_factory=list)
+    died: str | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def conf(self) -> Path:
@@ -190,8 +196,8 @@ class SlurmCluster:
 
     def _daemon(self, name: str, *args: str) -> None:
         with (self.root / "log" / f"{name}.out").open("wb") as log:
-            self.procs.append(
-                subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.procs[name] = subprocess.Popen(
+                list(args), stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
 
     def start(self, timeout: float = 30) -> None:
@@ -213,6 +219,30 @@ class SlurmCluster:
         for n in NODES:
             self._daemon(f"slurmd-{n}", *self.net.enter(n), "slurmd", "-D", "-N", n)
         self._wait(self.idle, timeout, "both nodes idle")
+        threading.Thread(target=self._watch, name="slurm-watchdog", daemon=True).start()
+
+    def follow(self, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        """A launcher following a job of this cluster: killed if a daemon dies (its job would
+        never end), so that the test reading it gets to `check`."""
+        self.followers.append(proc)
+        return proc
+
+    def check(self) -> None:
+        """Fail with the dead daemon's name and output if one died since `start`."""
+        if self.died is not None:
+            raise RuntimeError(self.died)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.5):
+            dead = [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                name, code = dead[0]
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                out = (self.root / "log" / f"{name}.out").read_text(errors="replace")[-1500:]
+                self.died = f"Slurm test cluster: {name} died ({how}); its output ends:\n{out}"
+                for proc in self.followers:
+                    proc.kill()
+                return
 
     def idle(self) -> bool:
         out = sh("sinfo", "-h", "-o", "%t", env=self.env).stdout.split()
@@ -249,6 +279,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, wait for job steps, remove the folder."""
+        self.stopping.set()
         seen = set(self.stepds())
 
         def steps_left() -> bool:
@@ -259,10 +290,11 @@ class SlurmCluster:
             if self.conf.exists() and self.squeue():
                 sh("scancel", "--user=root", env=self.env)
                 self._wait(lambda: not self.squeue() and not steps_left(), 20, "empty queue")
-        for proc in reversed(self.procs):
+        daemons = list(reversed(self.procs.values()))
+        for proc in daemons:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in reversed(self.procs):
+        for proc in daemons:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

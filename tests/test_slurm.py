@@ -69,7 +69,7 @@ def launch(
 ) -> subprocess.Popen[str]:
     env = {**launcher_env(workdir, cache), "SLURM_CONF": str(cluster.conf)}
     popen.setdefault("stdin", subprocess.DEVNULL)  # not a terminal: Ctrl-C cancels at once
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", *args],
         cwd=workdir,
         env=env,
@@ -78,10 +78,15 @@ def launch(
         text=True,
         **popen,
     )
+    return cluster.follow(proc)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str]:
+def finish(
+    cluster: SlurmCluster, proc: subprocess.Popen[str], timeout: float = 400
+) -> tuple[int, str]:
+    """The launcher's exit code and output; fails at once, naming it, if a daemon died."""
     out, _ = proc.communicate(timeout=timeout)
+    cluster.check()
     return proc.returncode, out
 
 
@@ -97,26 +102,38 @@ SWEEP = [
 ]
 
 
+STARTED = r"^moelab-launch: job \d+ (RUNNING on |FAILED|COMPLETED)"  # ran, however briefly
+
+
 @dataclass
 class Job:
-    """A launch of `started`, and the (received, sent) bytes of node n2's link before it."""
+    """A launch of `started`, its output read so far, and the (received, sent) bytes of node
+    n2's link before it."""
 
     proc: subprocess.Popen[str]
     workdir: Path
     link_before: tuple[int, int]
+    seen: str = ""
+
+    def finish(self, cluster: SlurmCluster) -> tuple[int, str]:
+        code, rest = finish(cluster, self.proc)
+        return code, self.seen + rest
 
 
 @pytest.fixture(scope="module")
 def started(
     slurm: SlurmCluster, cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Job]]:
-    """(a), (b) and (d) submitted at once: Slurm queues them and they overlap on the cores."""
+    """(a), (b) and (d), each submitted once the one before runs: they overlap on the cores,
+    and their step launches do not reach slurmd at the same instant (see slurm_cluster.py)."""
     specs = {"complete": [*SLURM, *MOE, *LONG], "fail": [*SLURM, *MOE, *BAD_DATA], "sweep": SWEEP}
-    jobs = {}
+    jobs: dict[str, Job] = {}
     try:
         for name, args in specs.items():
             workdir, before = tmp_path_factory.mktemp(name), slurm.net.link_bytes(NODES[1])
-            jobs[name] = Job(launch(slurm, workdir, cache, *args), workdir, before)
+            jobs[name] = job = Job(launch(slurm, workdir, cache, *args), workdir, before)
+            if name != "sweep":
+                job.seen, _ = follow_until(slurm, job.proc, STARTED)
         yield jobs
     finally:
         for job in jobs.values():
@@ -128,7 +145,7 @@ def started(
 @pytest.mark.slow
 def test_two_nodes_moe_run_completes(slurm: SlurmCluster, started: dict[str, Job]) -> None:
     job = started["complete"]
-    code, out = finish(job.proc)
+    code, out = job.finish(slurm)
     after = slurm.net.link_bytes(NODES[1])
     received, sent = (a - b for a, b in zip(after, job.link_before, strict=True))
     assert code == 0, out[-6000:]
@@ -156,7 +173,7 @@ def test_two_nodes_moe_run_completes(slurm: SlurmCluster, started: dict[str, Job
 
 @pytest.mark.slow
 def test_failing_job_ends_failed(slurm: SlurmCluster, started: dict[str, Job]) -> None:
-    code, out = finish(started["fail"].proc)
+    code, out = started["fail"].finish(slurm)
     assert code != 0, out[-3000:]
     assert "Couldn't find any data file at /nonexistent/moelab-data" in out
     (run,) = runs(started["fail"].workdir)
@@ -177,16 +194,20 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
-def follow_until(proc: subprocess.Popen[str], text: str) -> tuple[str, str]:
-    """Read the launcher's output up to the line with `text`: (that output, the Slurm job id)."""
+def follow_until(
+    cluster: SlurmCluster, proc: subprocess.Popen[str], pattern: str
+) -> tuple[str, str]:
+    """Read the launcher's output up to the line matching `pattern`: (that output, the Slurm
+    job id)."""
     assert proc.stdout is not None
-    seen, job_id = [], ""
+    seen, job_id, found = [], "", False
     for line in proc.stdout:
         seen.append(line)
         job_id = m[1] if (m := re.search(r"Slurm job (\d+)", line)) else job_id
-        if text in line:
+        if found := re.search(pattern, line) is not None:
             break
-    assert text in "".join(seen), "".join(seen)[-4000:]
+    cluster.check()
+    assert found, "".join(seen)[-4000:]
     return "".join(seen), job_id
 
 
@@ -198,16 +219,17 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(
     new job from the same job.sbatch). That job gets USR1 as Slurm sends it before the time
     limit (`--signal=B:USR1@...`: the batch shell only): the ranks checkpoint, the job requeues
     itself, starts again and finishes; one MLflow run, the uninterrupted run's losses."""
-    code, out = finish(launch(slurm, tmp_path, cache, *SLURM, *MOE, *LONG, "train.stop_after=4"))
+    first_launch = launch(slurm, tmp_path, cache, *SLURM, *MOE, *LONG, "train.stop_after=4")
+    code, out = finish(slurm, first_launch)
     assert code == 0, out[-4000:]
     (first,) = runs(tmp_path)
     run_dir = Path(first.data.tags["run_dir"])
     assert first.info.status == "KILLED" and f"moelab-launch resume {run_dir}" in out
     proc = launch(slurm, tmp_path, cache, "resume", str(run_dir))
-    seen, job_id = follow_until(proc, "step 5 is the first this attempt computed")
+    seen, job_id = follow_until(slurm, proc, "step 5 is the first this attempt computed")
     signal_job = ["scancel", "--batch", "--signal=USR1", job_id]
     assert subprocess.run(signal_job, env=slurm.env, timeout=60).returncode == 0
-    code, rest = finish(proc)
+    code, rest = finish(slurm, proc)
     out = seen + rest
     assert code == 0, out[-6000:]
     (run,) = runs(tmp_path)
@@ -224,7 +246,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(
     node0 = (run_dir / "train-node0.log").read_text()  # three attempts, one log
     assert node0.count("is the first this attempt computed") == 3, node0[-3000:]
     if started["complete"].proc.returncode is None:
-        finish(started["complete"].proc)
+        started["complete"].finish(slurm)
     reference, resumed = losses(started["complete"].workdir), losses(tmp_path)
     assert sorted(resumed) == list(range(1, 25)), "every step logged once, none lost"
     worst = max(abs(resumed[s] - reference[s]) for s in reference)
@@ -239,17 +261,12 @@ def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path
     proc = launch(slurm, tmp_path, cache, *args, stdin=pty_slave)
     os.close(pty_slave)
     assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if " RUNNING on " in line:
-            break
-    assert seen and " RUNNING on " in seen[-1], "".join(seen)[-3000:]
+    seen, _ = follow_until(slurm, proc, " RUNNING on ")
     proc.send_signal(signal.SIGINT)
     os.write(tty, b"y\n")
-    code, out = finish(proc, timeout=120)
+    code, out = finish(slurm, proc, timeout=120)
     os.close(tty)
-    assert code == 128 + signal.SIGINT, "".join(seen) + out
+    assert code == 128 + signal.SIGINT, seen + out
     (run,) = runs(tmp_path)
     job_id = run.data.tags["slurm_job_id"]
     assert f"cancel job {job_id}? [y/N]" in out
@@ -259,8 +276,8 @@ def test_sigint_cancels_the_job(slurm: SlurmCluster, tmp_path: Path, cache: Path
 
 
 @pytest.mark.slow
-def test_submitit_sweep_parent_and_children(started: dict[str, Job]) -> None:
-    code, out = finish(started["sweep"].proc)
+def test_submitit_sweep_parent_and_children(slurm: SlurmCluster, started: dict[str, Job]) -> None:
+    code, out = started["sweep"].finish(slurm)
     tmp_path = started["sweep"].workdir
     assert code == 0, out[-6000:]
     (parent,) = [r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
