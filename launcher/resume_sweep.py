@@ -203,7 +203,7 @@ def restart(child: Child, overrides: list[str], uri: str) -> int:
     else:
         job = JobOutcome(child.num, child.overrides)
         create = functools.partial(new_run, cfg, uri, job)
-        run = tracking.PendingRun(child.run_dir, uri, create, backend.cancel)
+        run = tracking.PendingRun(child.run_dir, uri, create, backend.cancel, backend.ranks_beside)
     print(f"moelab-launch: job {child.num} has no checkpoint: it starts at step 1", flush=True)
     if isinstance(backend, Slurm):
         return backend.resume(cfg, RunFiles(paths, commands=[]), run)

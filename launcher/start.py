@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def start_run(
         return 0
     uri = tracking.resolve_uri(cfg)
     supervisor.aborted.clear()
-    run = tracking.PendingRun(run_dir, uri, lambda: new_run(cfg, uri, job), backend.cancel)
+    create = functools.partial(new_run, cfg, uri, job)
+    run = tracking.PendingRun(run_dir, uri, create, backend.cancel, backend.ranks_beside)
     if job is not None:
         job.uri = uri
     return backend.run(cfg, files, run, job)

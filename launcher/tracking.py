@@ -117,7 +117,8 @@ class PendingRun:
     """The launch's MLflow run, created in a thread while `deepspeed` starts: importing MLflow
     and opening its store take seconds the ranks spend starting anyway. The id reaches the
     ranks through the run dir (`moelab.runref`: marked pending before the thread starts, so a
-    rank never mistakes a run to come for none); `id()` waits for it."""
+    rank never mistakes a run to come for none; `beside`: the launcher sends rank 0's records,
+    `launcher.beside`); `id()` waits for it."""
 
     def __init__(
         self,
@@ -125,13 +126,14 @@ class PendingRun:
         uri: str,
         create: Callable[[], str] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        beside: bool = False,
     ) -> None:
         self.run_dir, self.uri, self.on_failure = run_dir, uri, on_failure
         self.error: str | None = None
         self._id: str | None = None
         self._thread: threading.Thread | None = None
         if create is not None:
-            runref.write_pending(run_dir, uri)
+            runref.write_pending(run_dir, uri, beside)
             self._thread = threading.Thread(target=self._create, args=(create,), daemon=True)
             self._thread.start()
 

@@ -32,6 +32,9 @@ from moelab.config import MoelabConfig
 class Backend(Protocol):
     """What the launcher asks of a cluster backend."""
 
+    ranks_beside: bool
+    """Every rank runs on the launcher's host (it then sends rank 0's MLflow records)."""
+
     def resolve_hosts(self, cfg: MoelabConfig) -> Resources | None:
         """The hosts and slots of the run (sets cluster.nodes and world_size); None when this
         machine or the scheduler decides."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher import supervisor, sweep, tracking
+from launcher import beside, supervisor, sweep, tracking
 from launcher.errors import ConfigError, fail
 from launcher.hostfile import Resources, active_resources
 from launcher.jobs import JobOutcome
@@ -21,6 +21,9 @@ from moelab.config import MoelabConfig
 
 class Supervised:
     """A backend whose deepspeed command runs on this host under the supervisor."""
+
+    ranks_beside = False
+    """Every rank runs on this host: the launcher sends rank 0's MLflow records (`beside`)."""
 
     def resolve_hosts(self, cfg: MoelabConfig) -> Resources | None:
         """The hosts and slots of the run (sets the world size); None on one machine."""
@@ -86,10 +89,13 @@ def run_supervised(
 ) -> int:
     """Execute the run dir and end its MLflow run (KILLED, FAILED or FINISHED)."""
     code, status, step = 1, "FAILED", "data preparation"
+    replay = beside.start(cfg, run, files.run_dir)
     try:
         code, step = prepare_and_execute(files, resume)
         status = run_status(cfg, files.run_dir, code)
     finally:  # never leave the run RUNNING
+        if replay is not None:
+            replay.stop()
         end_tracked(run, files, job, code, status, step)
     if run.id() is None:  # the ranks were stopped as soon as that was known
         if job is None:

@@ -14,6 +14,8 @@ from moelab.config import MoelabConfig
 class Local(Supervised):
     """One host, one `deepspeed --num_gpus` (or `--include` of the visible GPUs)."""
 
+    ranks_beside = True
+
     def validate(self, cfg: MoelabConfig, planning: bool = False) -> None:
         c = cfg.cluster
         if planning:

@@ -204,6 +204,8 @@ def status_of(state: str, code: int, cancelled: bool, run_dir: Path) -> str:
 class Slurm:
     """One batch job: `srun` starts one deepspeed per node (`launcher.backends.sbatch`)."""
 
+    ranks_beside = False  # the job's ranks run on its nodes; rank 0 sends its own records
+
     def __init__(self) -> None:
         self.job_id: str | None = None
         self.append = False

@@ -7,6 +7,10 @@ yet; a resumed run dir keeps the id it holds), then creates the MLflow run along
 rewrites the file with the run id, or with why the run could not be created. Rank 0's sink and
 each host's system-metrics sampler read it from the run dir (shared by every host, like the
 checkpoints): no file means no MLflow run (a rank script started by hand).
+
+When every rank runs on the launcher's host (cluster=local) the file also says `beside`: the
+launcher, which has MLflow loaded and the store open anyway, replays rank 0's spool and samples
+the host's system metrics, and no rank imports MLflow.
 """
 
 from __future__ import annotations
@@ -26,18 +30,21 @@ class RunRefError(RuntimeError):
     """The launcher could not create the MLflow run, or never said so in time."""
 
 
-def write_pending(run_dir: Path, uri: str) -> None:
+def write_pending(run_dir: Path, uri: str, beside: bool = False) -> None:
     """Announce a run to come (the ranks wait for its id), unless the file already holds an
-    id (a resume continues that run)."""
+    id (a resume continues that run); `beside`: the launcher sends rank 0's MLflow records."""
     path = RunDir(run_dir).run_ref
     if path.exists() and "run_id" in _load(path):
         return
-    _write(path, {"tracking_uri": uri, "pending": True})
+    _write(path, {"tracking_uri": uri, "pending": True} | ({"beside": True} if beside else {}))
 
 
 def write(run_dir: Path, uri: str, run_id: str) -> None:
-    """Atomically (a rank may be polling for it): the run id and its tracking URI."""
-    _write(RunDir(run_dir).run_ref, {"run_id": run_id, "tracking_uri": uri})
+    """Atomically (a rank may be polling for it): the run id and its tracking URI (`beside`
+    kept from the pending file)."""
+    path = RunDir(run_dir).run_ref
+    beside = path.exists() and _load(path).get("beside") is True
+    _write(path, {"run_id": run_id, "tracking_uri": uri} | ({"beside": True} if beside else {}))
 
 
 def write_failure(run_dir: Path, message: str) -> None:
@@ -60,6 +67,13 @@ def read(run_dir: Path) -> tuple[str, str]:
     """(tracking URI, run id) written by the launch that created `run_dir`."""
     ref = _load(RunDir(run_dir).run_ref)
     return str(ref["tracking_uri"]), str(ref["run_id"])
+
+
+def launcher_beside(run_dir: Path) -> bool:
+    """Whether the launcher replays rank 0's spool and samples the host (every rank on its
+    host): then no rank opens MLflow."""
+    path = RunDir(run_dir).run_ref
+    return path.exists() and _load(path).get("beside") is True
 
 
 def expected(run_dir: Path) -> bool:

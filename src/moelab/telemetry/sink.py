@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +57,8 @@ class NullSink:
         pass
 
 
+CLOSE_TIMEOUT_S = 120.0
+"""Longest `close()` replays what is left before the process goes on."""
 FIRST_REPLAY_HOLD_S = 30.0
 """Longest the first replay waits for the run's first metrics (`spool.Worker`)."""
 
@@ -71,6 +72,8 @@ class MLflowSink:
     seen, unlike `log_batch(synchronous=False)`), advancing the spool offset after each
     accepted batch; while the server is down it retries every `retry_s` seconds. `close()`
     drains what it can; whatever is left is replayed later by `moelab-sync <run dir>`.
+    With `replay=False` (the launcher beside the ranks replays the spool: `runref`) there is
+    no thread, and MLflow is never imported here.
     """
 
     def __init__(
@@ -79,7 +82,8 @@ class MLflowSink:
         tracking_uri: str | None = None,
         run_dir: str | Path | None = None,
         retry_s: float = 2.0,
-        close_timeout_s: float = 120.0,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+        replay: bool = True,
     ) -> None:
         bound_http_retries()
         if run_dir is None:
@@ -91,18 +95,26 @@ class MLflowSink:
         self.logged_through = self.spool.last_metric_step()
         self.close_timeout_s = close_timeout_s
         self.spool.append({"kind": "open", "run_id": run_id, "tracking_uri": tracking_uri})
-        self.replayer = Replayer(self.spool, tracking_uri)
-        self.worker = Worker(self.replayer, retry_s, hold_s=FIRST_REPLAY_HOLD_S)
-        self.worker.start()
+        self.worker: Worker | None = None
+        if replay:
+            replayer = Replayer(self.spool, tracking_uri)
+            self.worker = Worker(replayer, retry_s, hold_s=FIRST_REPLAY_HOLD_S)
+            self.worker.start()
+
+    def _wake(self, release: bool = False) -> None:
+        if self.worker is not None:
+            if release:
+                self.worker.release()
+            self.worker.wake()
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = {k: str(v)[:MAX_PARAM_LEN] for k, v in params.items()}
         self.spool.append({"kind": "params", "params": items})
-        self.worker.wake()
+        self._wake()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.spool.append({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
-        self.worker.wake()
+        self._wake()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step <= self.logged_through:
@@ -110,13 +122,12 @@ class MLflowSink:
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in metrics.items()}
         self.spool.append({"kind": "metrics", "metrics": values, "step": step, "ts": now})
-        self.worker.release()
-        self.worker.wake()
+        self._wake(release=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         local = self.spool.keep(Path(path))
         self.spool.append({"kind": "artifact", "path": str(local), "artifact_path": artifact_path})
-        self.worker.wake()
+        self._wake()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         local = self.spool.keep_text(text, Path(artifact_file).name)
@@ -128,7 +139,7 @@ class MLflowSink:
                 "artifact_path": None if folder == "." else folder,
             }
         )
-        self.worker.wake()
+        self._wake()
 
     def progress(self, total: int, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
@@ -136,18 +147,15 @@ class MLflowSink:
     def mlflow_ready(self) -> None:
         """MLflow is imported and its store open (the system-metrics thread did it): the first
         replay need not wait for the first metrics any more."""
-        self.worker.release()
+        if self.worker is not None:
+            self.worker.release()
 
     def close(self) -> None:
         """Replay what the server takes now (bounded); warn about what is left for later."""
+        if self.worker is None:
+            return  # the launcher replays the spool once the ranks are gone
         self.worker.stop(self.close_timeout_s)
-        left = self.spool.pending_records()
-        if left:
-            print(
-                f"moelab: {left} MLflow records are still spooled in {self.spool.path} "
-                f"(tracking server unreachable); replay them with `moelab-sync {self.spool.dir}`.",
-                file=sys.stderr,
-            )
+        self.spool.report_left()
 
 
 def make_sink(is_rank0: bool, run_dir: Path) -> Sink:
@@ -159,7 +167,8 @@ def make_sink(is_rank0: bool, run_dir: Path) -> Sink:
     """
     run_id = runref.launcher_run_id(run_dir) if is_rank0 else None
     if run_id:
-        return MLflowSink(run_id, os.environ.get("MLFLOW_TRACKING_URI"), run_dir)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        return MLflowSink(run_id, uri, run_dir, replay=not runref.launcher_beside(run_dir))
     return NullSink()
 
 

@@ -104,6 +104,16 @@ class Spool:
     def pending_records(self) -> int:
         return sum(1 for _, r in self.read_from(self.offset()) if r["kind"] != "open")
 
+    def report_left(self) -> None:
+        """After the last replay: say how to send what the server did not take."""
+        left = self.pending_records()
+        if left:
+            print(
+                f"moelab: {left} MLflow records are still spooled in {self.path} (tracking "
+                f"server unreachable); replay them with `moelab-sync {self.dir}`.",
+                file=sys.stderr,
+            )
+
 
 class ServerDown(Exception):
     """The tracking server did not answer; retry later."""
@@ -117,10 +127,11 @@ class Replayer:
     timestamp, so the SQL store drops the repeated (key, step, timestamp, value) rows.
     """
 
-    def __init__(self, spool: Spool, tracking_uri: str | None = None) -> None:
+    def __init__(self, spool: Spool, tracking_uri: str | None = None, client: Any = None) -> None:
         self.spool = spool
         self.uri_override = tracking_uri
-        self.clients: dict[str | None, Any] = {}
+        # `client`: one already open for `tracking_uri` (a SQLite store costs 1.3 s to open)
+        self.clients: dict[str | None, Any] = {} if client is None else {tracking_uri: client}
         self.run_id: str | None = None
         self.uri: str | None = tracking_uri
         self.replayed = 0
@@ -241,11 +252,14 @@ class Worker:
     It starts replaying once `release()`d (the run's first metrics, or MLflow loaded by the
     system-metrics thread) or after `hold_s`: importing MLflow and opening its store take
     seconds of CPU that the first training step needs on a machine whose cores are all busy
-    with ranks; the records wait in the spool meanwhile."""
+    with ranks; the records wait in the spool meanwhile. With `poll_s` it also looks for new
+    records that often (another process appends them: the launcher replaying rank 0's spool)."""
 
-    def __init__(self, replayer: Replayer, retry_s: float, hold_s: float = 0.0) -> None:
+    def __init__(
+        self, replayer: Replayer, retry_s: float, hold_s: float = 0.0, poll_s: float | None = None
+    ) -> None:
         self.replayer = replayer
-        self.retry_s, self.hold_s = retry_s, hold_s
+        self.retry_s, self.hold_s, self.poll_s = retry_s, hold_s, poll_s
         self.event = threading.Event()
         self.released = threading.Event()
         self.stopping = threading.Event()
@@ -265,7 +279,7 @@ class Worker:
         self.released.wait(self.hold_s)
         while True:
             if self.down_since is None:
-                self.event.wait()
+                self.event.wait(self.poll_s)
             else:  # down: new records wait for the next retry, not every log call
                 self.stopping.wait(self.retry_s)
             self.event.clear()

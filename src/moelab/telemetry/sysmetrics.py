@@ -29,10 +29,13 @@ def warm_mlflow(info: DistInfo, system_metrics: bool, run_dir: Path) -> Callable
     training thread (the GIL) for up to half a second at a time and every other rank with it
     at the next collective, showing rank 0 as a straggler. Started here they overlap the model
     build and DeepSpeed's initialisation. A tracking server is not contacted (an unreachable
-    one must not hold training back).
+    one must not hold training back). Nothing to do when the launcher beside the ranks does
+    both (`runref.launcher_beside`).
     """
     sampler = info.local_rank == 0 and system_metrics
     if not (info.is_rank0 or sampler) or not runref.expected(run_dir):
+        return lambda: None
+    if runref.launcher_beside(run_dir):
         return lambda: None
     thread = threading.Thread(
         target=_open_store, args=(run_dir,), name="moelab-mlflow-warm-up", daemon=True
@@ -65,11 +68,17 @@ class SystemMetrics(threading.Thread):
     """
 
     def __init__(
-        self, interval_s: float, node_id: str, run_dir: Path, on_started: Callable[[], None]
+        self,
+        interval_s: float,
+        node_id: str,
+        run_dir: Path,
+        on_started: Callable[[], None],
+        tracking_uri: str | None = None,
     ) -> None:
         super().__init__(name="moelab-system-metrics", daemon=True)
         self.interval_s, self.node_id, self.run_dir = interval_s, node_id, run_dir
         self.on_started = on_started
+        self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # the ranks' env has it
         self.monitor: Any = None
 
     def run(self) -> None:
@@ -86,7 +95,7 @@ class SystemMetrics(threading.Thread):
             run_id,
             sampling_interval=self.interval_s,
             node_id=self.node_id,
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+            tracking_uri=self.uri,
         )
         self.monitor.start()
         self.on_started()
@@ -104,12 +113,18 @@ def start_system_metrics(
     called once the monitor runs (MLflow imported, its store open).
 
     Metrics are keyed `system/<host>-node<N>/...` (`set_system_metrics_node_id` per host), so
-    hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled.
+    hosts sharing a name (containers, namespaces) stay apart. None where nothing is sampled
+    here (the launcher beside the ranks samples their host: `runref.launcher_beside`).
     """
-    if info.local_rank != 0 or not runref.expected(run_dir):
+    if info.local_rank != 0 or not runref.expected(run_dir) or runref.launcher_beside(run_dir):
         return None
     # The deepspeed launcher's node index; mpirun sets no CROSS_RANK (ranks fill hosts in order).
     node = os.environ.get("CROSS_RANK") or str(info.rank // max(info.local_world_size, 1))
-    monitor = SystemMetrics(interval_s, f"{socket.gethostname()}-node{node}", run_dir, on_started)
+    monitor = SystemMetrics(interval_s, node_id(node), run_dir, on_started)
     monitor.start()
     return monitor
+
+
+def node_id(node: str) -> str:
+    """The system metrics' host key: `system/<host>-node<N>/...`."""
+    return f"{socket.gethostname()}-node{node}"
