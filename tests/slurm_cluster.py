@@ -169,6 +169,9 @@ def slurm_conf(d: Path, ports: list[int], net: NodeNetwork) -> str:
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # 4 CPUs per node on 2 cores: jobs overlap
             "KillWait=5",  # seconds between SIGTERM and SIGKILL when a job is cancelled
+            # a requeued job may start again once cred_expire has passed, but only a periodic
+            # scheduling pass starts it (defaults: every 30 s backfill, 60 s main): every 1 s
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             *nodes,
             f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
