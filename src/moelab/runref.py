@@ -42,9 +42,8 @@ def write_pending(run_dir: Path, uri: str, beside: bool = False) -> None:
 def write(run_dir: Path, uri: str, run_id: str) -> None:
     """Atomically (a rank may be polling for it): the run id and its tracking URI (`beside`
     kept from the pending file)."""
-    path = RunDir(run_dir).run_ref
-    beside = path.exists() and _load(path).get("beside") is True
-    _write(path, {"run_id": run_id, "tracking_uri": uri} | ({"beside": True} if beside else {}))
+    beside = {"beside": True} if launcher_beside(run_dir) else {}
+    _write(RunDir(run_dir).run_ref, {"run_id": run_id, "tracking_uri": uri} | beside)
 
 
 def write_failure(run_dir: Path, message: str) -> None:
