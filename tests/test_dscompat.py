@@ -88,6 +88,8 @@ SYMBOLS: dict[str, tuple[str, str]] = {
         "muon_optimizer.py",
         "skip_muon_import (the names it imports from original_muon)",
     ),
+    "launcher.runner.main": ("runner.main", "fastexit: ends only by returning or sys.exit"),
+    "launcher.launch.main": ("launch.main", "fastexit: ends only by returning or sys.exit"),
 }
 
 
@@ -95,6 +97,7 @@ def _symbols() -> dict[str, Any]:
     """symbol -> the object (or, for C++ sources, the file's text) the fingerprint is of."""
     import deepspeed
     from deepspeed.autotuning.autotuner import Autotuner
+    from deepspeed.launcher import launch, runner
     from deepspeed.module_inject import auto_ep_layer
     from deepspeed.module_inject.auto_ep_presets import base, registry
     from deepspeed.moe import ep_experts, ep_router, layer, sharded_moe
@@ -140,6 +143,8 @@ def _symbols() -> dict[str, Any]:
         ),
         "autotuning.Autotuner.tune": Autotuner.tune,
         "zero/muon/muon_optimizer.py": (root / "runtime/zero/muon/muon_optimizer.py").read_text(),
+        "launcher.runner.main": runner.main,
+        "launcher.launch.main": launch.main,
     }
 
 

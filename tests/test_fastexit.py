@@ -3,9 +3,15 @@ flushed; a running non-daemon thread still gets to finish."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from launcher.render import free_port
+from moelab import startup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +47,56 @@ def test_a_running_non_daemon_thread_finishes_first(tmp_path: Path) -> None:
     assert (out.returncode, out.stdout) == (5, "unflushed"), out.stderr
     assert (tmp_path / "thread").read_text() == "done"
     assert (tmp_path / "handler").read_text() == "ran"
+
+
+# A sitecustomize behind moelab's (which runs it next): it leaves a file named after the process
+# (the runner `deepspeed`, `launch` or the rank's script) when the module teardown reaches it.
+TEARDOWN_PROBE = """
+import os, sys, types
+NAME = "launch" if any(a.startswith("--world_info") for a in sys.argv) else sys.argv[0]
+MARK = os.path.join({out!r}, os.path.basename(NAME) + ".teardown")
+class Probe:
+    def __del__(self, _open=os.open, _write=os.write, _close=os.close, _mark=MARK):
+        fd = _open(_mark, os.O_WRONLY | os.O_CREAT, 0o644); _write(fd, b"torn down"); _close(fd)
+holder = types.ModuleType("teardown_probe")  # a module: the teardown clears it
+holder.probe = Probe()
+sys.modules[holder.__name__] = holder
+"""
+
+
+def ds_launch(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`argv` (DeepSpeed's runner or launch.py) with moelab's sitecustomize and the probe."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(TEARDOWN_PROBE.format(out=str(tmp_path)))
+    path = os.pathsep.join([startup.FOLDER, str(probe)])
+    env = os.environ | {"PYTHONPATH": path, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def torn_down(tmp_path: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".teardown") for p in tmp_path.glob("*.teardown"))
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_deepspeeds_launchers_skip_teardown_with_the_ranks_status(
+    tmp_path: Path, code: int
+) -> None:
+    """The real `deepspeed` runner starts `launch.py`, which starts one rank exiting `code`:
+    both launchers end with that status and without the module teardown; the rank (no
+    launcher) tears down as usual."""
+    (tmp_path / "rank.py").write_text(f"import sys\nsys.exit({code})\n")
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    argv = [deepspeed, "--num_gpus=1", f"--master_port={free_port()}", "rank.py"]
+    out = ds_launch(tmp_path, argv)
+    assert out.returncode == code, out.stderr[-3000:]
+    assert torn_down(tmp_path) == ["rank.py"], out.stderr[-3000:]
+
+
+def test_a_launcher_that_raises_tears_down_and_fails(tmp_path: Path) -> None:
+    """An uncaught exception in `launch.py` (its --world_info is not base64 JSON): printed,
+    status 1, the usual teardown."""
+    argv = [sys.executable, "-m", "deepspeed.launcher.launch", "--world_info=notjson", "x.py"]
+    out = ds_launch(tmp_path, argv)
+    assert out.returncode == 1 and "Traceback" in out.stderr, out.stderr[-3000:]
+    assert torn_down(tmp_path) == ["launch"]

@@ -33,9 +33,10 @@ upgrade fails there, naming what to re-check. What is touched, and why:
 - `groups._get_expert_parallel_rank` (`expert_parallel_rank`): checks moelab's EP ranks.
 - The /dev/shm name of the CPU all-reduce buffer (csrc/cpu/comm/shm.cpp), which DeepSpeed
   never unlinks (`unlink_shm_buffer`).
-- `deepspeed.autotuning.autotuner` imports mlflow when DeepSpeed is imported, about 1.2 s of
-  CPU in every rank though training never autotunes: `defer_mlflow_import` leaves it unloaded
-  until rank 0's MLflow threads need it (`load_mlflow`).
+- `deepspeed.autotuning.autotuner` imports mlflow (about 1.2 s of CPU) though training never
+  autotunes: `defer_mlflow_import` leaves it unloaded until first used (`load_mlflow`).
+- DeepSpeed's runner and `launch.py` end only by returning or by `sys.exit` (their `main`), so
+  `fastexit.skip_deepspeed_launcher_teardown` knows their exit status without the teardown.
 - ZeRO imports `zero.muon.original_muon` (the names `muon_optimizer.py` takes from it) for its
   Muon checks; its `@torch.compile` loads inductor, 1.5-3 s of CPU a rank: `skip_muon_import`.
 - The checkpoint file names of `DeepSpeedEngine._get_ckpt_name` and `_get_expert_ckpt_name`
