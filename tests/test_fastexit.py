@@ -49,12 +49,14 @@ def test_a_running_non_daemon_thread_finishes_first(tmp_path: Path) -> None:
     assert (tmp_path / "handler").read_text() == "ran"
 
 
-# A sitecustomize behind moelab's (which runs it next): it leaves a file named after the process
-# (the runner `deepspeed`, `launch` or the rank's script) when the module teardown reaches it.
+# A sitecustomize behind moelab's (which runs it next): it leaves files named after the process
+# (the runner `deepspeed`, `launch` or the rank's script) when its exit handler runs (.atexit)
+# and when the module teardown reaches it (.teardown).
 TEARDOWN_PROBE = """
-import os, sys, types
+import atexit, os, sys, types
 NAME = "launch" if any(a.startswith("--world_info") for a in sys.argv) else sys.argv[0]
 MARK = os.path.join({out!r}, os.path.basename(NAME) + ".teardown")
+atexit.register(lambda: open(MARK.replace(".teardown", ".atexit"), "w").close())
 class Probe:
     def __del__(self, _open=os.open, _write=os.write, _close=os.close, _mark=MARK):
         fd = _open(_mark, os.O_WRONLY | os.O_CREAT, 0o644); _write(fd, b"torn down"); _close(fd)
@@ -74,8 +76,9 @@ def ds_launch(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[st
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
-def torn_down(tmp_path: Path) -> list[str]:
-    return sorted(p.name.removesuffix(".teardown") for p in tmp_path.glob("*.teardown"))
+def torn_down(tmp_path: Path, stage: str = "teardown") -> list[str]:
+    """The processes that reached `stage`: their module teardown, or their exit handlers."""
+    return sorted(p.name.removesuffix(f".{stage}") for p in tmp_path.glob(f"*.{stage}"))
 
 
 @pytest.mark.parametrize("code", [0, 3])
@@ -83,14 +86,15 @@ def test_deepspeeds_launchers_skip_teardown_with_the_ranks_status(
     tmp_path: Path, code: int
 ) -> None:
     """The real `deepspeed` runner starts `launch.py`, which starts one rank exiting `code`:
-    both launchers end with that status and without the module teardown; the rank (no
-    launcher) tears down as usual."""
+    both launchers run their exit handlers and end with that status, without the module
+    teardown; the rank (no launcher) tears down as usual."""
     (tmp_path / "rank.py").write_text(f"import sys\nsys.exit({code})\n")
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     argv = [deepspeed, "--num_gpus=1", f"--master_port={free_port()}", "rank.py"]
     out = ds_launch(tmp_path, argv)
     assert out.returncode == code, out.stderr[-3000:]
     assert torn_down(tmp_path) == ["rank.py"], out.stderr[-3000:]
+    assert torn_down(tmp_path, "atexit") == ["deepspeed", "launch", "rank.py"]
 
 
 def test_a_launcher_that_raises_tears_down_and_fails(tmp_path: Path) -> None:

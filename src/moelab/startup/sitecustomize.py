@@ -20,11 +20,12 @@ import sys
 
 def _moelab_hooks() -> None:
     try:
-        from moelab.dscompat import defer_mlflow_import
         from moelab.fastexit import skip_deepspeed_launcher_teardown
     except ImportError:  # a host whose Python lacks moelab: nothing to hook with
         return
-    skip_deepspeed_launcher_teardown()  # first: its exit handler runs after every other
+    skip_deepspeed_launcher_teardown()  # before any other import: its exit handler runs last
+    from moelab.dscompat import defer_mlflow_import
+
     defer_mlflow_import()
 
 
