@@ -1,5 +1,6 @@
 """moelab.fastexit: the process ends with its code, its exit handlers run and its output is
-flushed; a running non-daemon thread still gets to finish."""
+flushed; a running non-daemon thread still gets to finish. DeepSpeed's runner and launch.py,
+under moelab's sitecustomize, end as they would have but for the module teardown."""
 
 from __future__ import annotations
 
