@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,15 @@ REMOTE = {
 LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(ids).logits, sys.argv[3])
-print(type(model).__name__)
+ids = torch.load(sys.argv[1])
+for folder, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.save(model(ids).logits, out)
+    print(folder, type(model).__name__)
 assert not any(m.split(".")[0] == "moelab" for m in sys.modules), "moelab was imported"
 """
+"""Loads each folder with transformers' own classes in turn (one clean process for all)."""
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -77,27 +80,46 @@ def clean_env() -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What the clean process printed and where it saved each folder's logits."""
+
+    work: Path
+    ids: torch.Tensor
+    classes: dict[str, str]  # name -> the class transformers loaded
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+    """Every NATIVE variant written with a random model, then loaded by ONE process that never
+    imports moelab (one interpreter start instead of one per variant)."""
+    work = tmp_path_factory.mktemp("native")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.save(ids, work / "ids.pt")
+    for name, (fields, _) in NATIVE.items():
+        assert write_folder(random_model(fields), tokenizer(), work / name)[0] == "native"
+    pairs = [str(work / p) for name in NATIVE for p in (name, f"{name}.pt")]
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD, str(work / "ids.pt"), *pairs],
+        cwd=work, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = dict(line.split() for line in run.stdout.splitlines())
+    return Loaded(work, ids, {name: printed[str(work / name)] for name in NATIVE})
+
+
 @pytest.mark.parametrize("name", sorted(NATIVE))
-def test_native_logits_in_clean_process(name: str, tmp_path: Path) -> None:
+def test_native_logits_in_clean_process(name: str, loaded: Loaded) -> None:
     fields, arch = NATIVE[name]
-    model = random_model(fields)
-    out = tmp_path / "hf"
-    assert write_folder(model, tokenizer(), out)[0] == "native"
+    out = loaded.work / name
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch] and "auto_map" not in config
     assert not list(out.glob("*.py"))
     assert json.loads((out / EXPORT_INFO).read_text())["architecture"] == arch
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == arch
+    assert loaded.classes[name] == arch
     with torch.no_grad():
-        ours = model(ids).logits
-    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), ours, atol=1e-5, rtol=0)
+        ours = random_model(fields)(loaded.ids).logits
+    torch.testing.assert_close(torch.load(out.with_suffix(".pt")), ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(REMOTE))
