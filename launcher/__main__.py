@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import hydra
@@ -22,31 +21,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from launcher import jobs, sweep
-from launcher.backends import Backend, backend_for
+from launcher.backends import backend_for
 from launcher.compose import CONFIG_DIR, compose_config, register_schema, to_schema
 from launcher.errors import ConfigError, fail
-from launcher.hostfile import Resources
-from launcher.jobs import JobOutcome
 from launcher.resume import resume
 from launcher.resume_sweep import is_sweep_dir, resume_sweep
-from launcher.start import record_invalid, start_run
+from launcher.start import check, start_run, sweep_job
 from launcher.validate import validate, validate_runs_root
 from moelab import fastexit, hang
-from moelab.config import MoelabConfig
 from moelab.rundir import RunDir
 
 register_schema()
-
-
-def check(cfg: MoelabConfig) -> tuple[Backend, Resources | None]:
-    """The backend and the hosts it resolved (sets the world size), once the config passed
-    validation (and, unless a dry run, the live cluster's checks); ConfigError if not."""
-    backend = backend_for(cfg)
-    resources = backend.resolve_hosts(cfg)
-    validate(cfg)
-    if not cfg.launch.dry_run:
-        backend.preflight(cfg)
-    return backend, resources
 
 
 def precheck(argv: list[str]) -> None:
@@ -78,29 +63,6 @@ def precheck(argv: list[str]) -> None:
             validate(cfg)
     except ConfigError as err:
         fail(str(err))
-
-
-def sweep_job(dcfg: DictConfig, run_dir: Path) -> JobOutcome:
-    """One job of a sweep: never raises, so Hydra goes on with the next job."""
-    hc = HydraConfig.get()
-    job = JobOutcome(num=int(hc.job.num), overrides=[str(o) for o in hc.overrides.task])
-    try:
-        cfg = to_schema(dcfg)
-        try:
-            backend, resources = check(cfg)
-        except ConfigError as err:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no run dir behind
-            record_invalid(cfg, run_dir, job, str(err))
-        else:
-            start_run(cfg, backend, run_dir, resources, job)
-    except Exception as err:  # anything unexpected fails this job only
-        job.status = "FAILED"
-        job.message = job.message or f"{type(err).__name__}: {err}"
-        traceback.print_exc()
-    if job.failed:
-        print(f"moelab-launch: error: job {job.num} failed: {job.message}", file=sys.stderr)
-    jobs.record(job)
-    return job
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

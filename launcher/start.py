@@ -1,16 +1,37 @@
-"""Start one run: render its dir with the backend, create its MLflow run, run the backend."""
+"""Start one run: check its config, render its dir with the backend, create its MLflow run, run
+the backend; and one job of a sweep, which never raises."""
 
 from __future__ import annotations
 
 import functools
 import shlex
+import shutil
+import sys
+import traceback
 from pathlib import Path
 
-from launcher import supervisor, sweep, tracking
-from launcher.backends import Backend
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from launcher import jobs, supervisor, sweep, tracking
+from launcher.backends import Backend, backend_for
+from launcher.compose import to_schema
+from launcher.errors import ConfigError
 from launcher.hostfile import Resources
 from launcher.jobs import JobOutcome
+from launcher.validate import validate
 from moelab.config import MoelabConfig
+
+
+def check(cfg: MoelabConfig) -> tuple[Backend, Resources | None]:
+    """The backend and the hosts it resolved (sets the world size), once the config passed
+    validation (and, unless a dry run, the live cluster's checks); ConfigError if not."""
+    backend = backend_for(cfg)
+    resources = backend.resolve_hosts(cfg)
+    validate(cfg)
+    if not cfg.launch.dry_run:
+        backend.preflight(cfg)
+    return backend, resources
 
 
 def start_run(
@@ -64,3 +85,26 @@ def record_invalid(cfg: MoelabConfig, run_dir: Path, job: JobOutcome, message: s
     )
     tracking.log_text(uri, job.run_id, message + "\n", sweep.TAIL_ARTIFACT)
     tracking.end_run(uri, job.run_id, "FAILED")
+
+
+def sweep_job(dcfg: DictConfig, run_dir: Path) -> JobOutcome:
+    """One job of a sweep: never raises, so Hydra goes on with the next job."""
+    hc = HydraConfig.get()
+    job = JobOutcome(num=int(hc.job.num), overrides=[str(o) for o in hc.overrides.task])
+    try:
+        cfg = to_schema(dcfg)
+        try:
+            backend, resources = check(cfg)
+        except ConfigError as err:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no run dir behind
+            record_invalid(cfg, run_dir, job, str(err))
+        else:
+            start_run(cfg, backend, run_dir, resources, job)
+    except Exception as err:  # anything unexpected fails this job only
+        job.status = "FAILED"
+        job.message = job.message or f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    if job.failed:
+        print(f"moelab-launch: error: job {job.num} failed: {job.message}", file=sys.stderr)
+    jobs.record(job)
+    return job
