@@ -7,7 +7,9 @@ train.steps; finished jobs are left alone. The others run again one after anothe
 own child run: from the newest checkpoint (`launcher.resume.resume`), or from step 1 when it has
 none. The sweep's parent run is RUNNING meanwhile and ends FINISHED only if every job then
 finished. Ctrl-C stops the current job with a checkpoint and starts no other. A job the sweep
-never reached (expanded again from multirun.yaml) is listed with the command that runs it.
+never reached (expanded again from multirun.yaml) starts as Hydra's basic launcher would have
+started it: composed from multirun.yaml with its overrides, its run dir in the sweep dir under its
+job number, a child run of the parent.
 """
 
 from __future__ import annotations
@@ -15,22 +17,22 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from launcher import supervisor, sweep, tracking
+from launcher import jobs, supervisor, sweep, tracking
 from launcher.backends import backend_for
 from launcher.backends.common import run_supervised
 from launcher.backends.slurm import Slurm
+from launcher.compose import CONFIG_DIR, register_schema
 from launcher.errors import fail
 from launcher.jobs import JobOutcome
 from launcher.render import RunFiles
 from launcher.resume import EP_KEY, RESUMABLE, node_scripts, resume, resume_config
-from launcher.start import new_run
+from launcher.start import new_run, sweep_job
 from launcher.summary import format_table
 from moelab.checkpoint import read_meta
 from moelab.config import load_config
@@ -60,9 +62,14 @@ class Child:
         return self.status == "FINISHED" and (self.step is None or self.step >= self.steps)
 
     @property
+    def todo(self) -> bool:
+        """Whether the resume runs it: unfinished, and resumable or never started."""
+        return not self.finished and (self.run_dir is not None or not self.started)
+
+    @property
     def action(self) -> str:
         if not self.started:
-            return "never started: run it on its own"
+            return "start (never reached)"
         if self.run_dir is None:
             return "cannot resume: config refused"
         if self.finished:
@@ -212,12 +219,50 @@ def restart(child: Child, overrides: list[str], uri: str) -> int:
     return run_supervised(cfg, files, run, resume=True)
 
 
-def run_child(child: Child, overrides: list[str], uri: str) -> int:
-    """Resume or restart one job; its exit code (a refused resume is this job's failure)."""
-    assert child.run_dir is not None
-    print(f"\nmoelab-launch: job {child.num}: {child.action} ({child.run_dir})", flush=True)
+def start_unstarted(child: Child, sweep_dir: Path, overrides: list[str]) -> int:
+    """A job the sweep never reached, run as Hydra's basic launcher runs a job: composed from
+    the sweep's own config (multirun.yaml) with the job's overrides, then the resume's; its run
+    dir under the sweep dir with its job number; `sweep_job` as the task. 0 if it finished."""
+    from hydra import initialize_config_dir
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import configure_log, run_job, setup_globals
+    from hydra.types import HydraContext
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    master = OmegaConf.load(sweep_dir / SWEEP_FILE)
+    assert isinstance(master, DictConfig)
+    register_schema()
+    setup_globals()
+    jobs.reset()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_sweep_config(master, [*child.overrides, *overrides])
+        with open_dict(cfg):
+            cfg.hydra.job.id = cfg.hydra.job.num = child.num
+            cfg.hydra.sweep.dir = str(sweep_dir)
+        context = HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
+
+        def task(config: DictConfig) -> JobOutcome:
+            return sweep_job(config, Path(HydraConfig.get().runtime.output_dir))
+
+        run_job(task, cfg, "hydra.sweep.dir", "hydra.sweep.subdir", context)
+        configure_log(master.hydra.hydra_logging, master.hydra.verbose)
+    (outcome,) = jobs.outcomes()  # sweep_job records one, whatever happened
+    return 0 if not outcome.failed else 1
+
+
+def run_child(child: Child, overrides: list[str], uri: str, sweep_dir: Path) -> int:
+    """Start, resume or restart one job; its exit code (a refused resume is this job's
+    failure)."""
+    print(f"\nmoelab-launch: job {child.num}: {child.action} ({child.run_dir or sweep_dir})")
+    sys.stdout.flush()
     supervisor.aborted.clear()
     try:
+        if not child.started:
+            return start_unstarted(child, sweep_dir, overrides)
+        assert child.run_dir is not None
         if child.step is None:
             return restart(child, overrides, uri)
         return resume(child.run_dir, overrides)
@@ -250,14 +295,7 @@ def resume_sweep(sweep_dir: Path, overrides: list[str]) -> int:
     uri, parent_id, children = children_of(sweep_dir)
     print(f"moelab-launch: sweep {sweep_dir} (parent run {parent_id})")
     print(table(children), flush=True)
-    for child in children:
-        if not child.started:
-            print(
-                f"moelab-launch: job {child.num} never started (the sweep stopped before it); "
-                f"run it on its own: {shlex.join(['moelab-launch', *child.overrides])}",
-                flush=True,
-            )
-    todo = [c for c in children if c.run_dir is not None and not c.finished]
+    todo = [c for c in children if c.todo]
     if not todo:
         if all(c.finished for c in children):
             print("moelab-launch: every job of the sweep has finished; nothing to resume.")
@@ -266,7 +304,7 @@ def resume_sweep(sweep_dir: Path, overrides: list[str]) -> int:
     os.environ[sweep.PARENT_ENV] = parent_id  # a job that never got a run gets a child run
     code, status = 0, "KILLED"
     try:
-        code = run_all(todo, overrides, uri)
+        code = run_all(todo, overrides, uri, sweep_dir)
         children = children_of(sweep_dir)[2]
         status = "FINISHED" if all(c.finished for c in children) else "FAILED"
         status = "KILLED" if 128 < code < 160 else status
@@ -279,10 +317,10 @@ def resume_sweep(sweep_dir: Path, overrides: list[str]) -> int:
     return code if 128 < code < 160 else report(children)
 
 
-def run_all(todo: list[Child], overrides: list[str], uri: str) -> int:
+def run_all(todo: list[Child], overrides: list[str], uri: str, sweep_dir: Path) -> int:
     """Each unfinished job in turn; stops at the first a signal stopped (its exit code)."""
     for child in todo:
-        code = run_child(child, overrides, uri)
+        code = run_child(child, overrides, uri, sweep_dir)
         if 128 < code < 160 or supervisor.received:
             print("moelab-launch: stopped; the jobs after this one were not started", flush=True)
             return code if 128 < code < 160 else 128 + supervisor.received[0]

@@ -1,7 +1,8 @@
 """`moelab-launch resume <sweep dir>`: every unfinished job of a sweep resumes into its own child
 run under the re-opened parent; finished jobs are left alone. ONE real 2-job sweep (job 0 runs
 to the end, job 1 stops at step 2 with `train.stop_after`), then two resumes of its sweep dir,
-launched once per module (`resumed_sweep`); each test reads what one stage left."""
+launched once per module (`resumed_sweep`); each test reads what one stage left. A copy of the
+finished sweep dir with a third job the sweep never reached: its resume starts that job."""
 
 from __future__ import annotations
 
@@ -141,27 +142,46 @@ def test_the_swept_jobs_are_numbered_as_hydra_ran_them(resumed_sweep: ResumedSwe
 
 
 @pytest.mark.slow
-def test_a_job_the_sweep_never_reached_is_named_with_its_command(
+def test_a_job_the_sweep_never_reached_starts_as_hydra_would_have_started_it(
     resumed_sweep: ResumedSweep, shared_cache: Path, tmp_path: Path
 ) -> None:
-    """The finished sweep's dir, copied, with a third `train.stop_after` value in its
-    multirun.yaml: job 2 left nothing, as when a sweep is stopped before its last job. The
-    resume lists it, prints the command that runs it, starts nothing and exits 1."""
+    """The finished sweep's dir, copied, with a third `train.stop_after` value (0: no stop) in
+    its multirun.yaml: job 2 left nothing, as when a sweep is stopped before its last job. The
+    resume leaves jobs 0 and 1 alone and starts job 2 as Hydra's launcher would have: its run
+    dir in the sweep dir under its number with Hydra's record of it, a child run of the same
+    parent run, every step run; then every job has finished and so has the parent."""
     copy = tmp_path / resumed_sweep.sweep_dir.name
     shutil.copytree(resumed_sweep.sweep_dir, copy)
     multirun = copy / "multirun.yaml"
     multirun.write_text(
-        multirun.read_text().replace("train.stop_after=0,2", "train.stop_after=0,2,3")
+        multirun.read_text().replace("train.stop_after=0,2", "train.stop_after=0,2,0")
     )
-    proc = run_launcher(resumed_sweep.sweep_dir.parents[2], shared_cache, "resume", str(copy))
+    work = resumed_sweep.sweep_dir.parents[2]  # the sweep's MLflow store
+    proc = run_launcher(work, shared_cache, "resume", str(copy))
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("2 "))
-    assert row.split()[:6] == ["2", "-", "-/-", "never", "started:", "run"], row
-    command = " ".join(["moelab-launch", *SWEEP[1:-1], "train.stop_after=3"])
-    assert f"job 2 never started (the sweep stopped before it); run it on its own: {command}" in out
-    assert "1 of 3 sweep jobs did not finish (job 2)" in proc.stderr
+    assert row.split()[:6] == ["2", "-", "-/-", "start", "(never", "reached)"], row
+    assert f"moelab-launch: job 2: start (never reached) ({copy})" in out
     assert "moelab-launch: job 0:" not in out and "moelab-launch: job 1:" not in out
+    (run_dir,) = [d for d in copy.iterdir() if d.name.endswith("-2")]
+    hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert (hydra["job"]["num"], hydra["mode"]) == (2, "MULTIRUN")
+    assert hydra["runtime"]["output_dir"] == str(run_dir)
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert overrides == swept_jobs(copy)[2] == [*SWEEP[1:-1], "train.stop_after=0"]
+    after = stage(work, proc)
+    started = after.jobs[2]
+    assert started.tags["mlflow.parentRunId"] == after.parent.info.run_id
+    assert after.parent.info.run_id == resumed_sweep.swept.parent.info.run_id
+    assert Path(started.tags["run_dir"]) == run_dir
+    assert started.tags["moelab.sweep.overrides"] == " ".join(overrides)
+    assert (started.status, started.checkpoint, train_steps(started)) == (
+        "FINISHED",
+        STEPS,
+        list(range(1, STEPS + 1)),
+    )
+    assert (after.children, after.parent.info.status) == (3, "FINISHED")
 
 
 @pytest.mark.slow
@@ -326,8 +346,8 @@ def test_swept_jobs_are_unknown_for_other_sweepers_and_globs(
 def test_a_job_the_sweep_never_reached_is_listed_and_fails_the_resume(
     tmp_path: Path, capsys: Any
 ) -> None:
-    """Job 1 left nothing (the sweep was stopped in job 0): it is listed as never started, and
-    the resume cannot end with every job finished."""
+    """Job 1 left nothing (the sweep was stopped in job 0): it is listed to start; a job
+    whose config was refused is not run again; before the resume, not every job finished."""
     jobs = [["model=tiny_dense"], ["model=tiny_moe_top1"], ["model=tiny_arctic"]]
     done = Child(0, jobs[0], tmp_path, steps=4, step=4, status="FINISHED")
     refused = Child(2, jobs[2], None, status="FAILED")
@@ -335,7 +355,8 @@ def test_a_job_the_sweep_never_reached_is_listed_and_fails_the_resume(
     assert [(c.num, c.started) for c in children] == [(0, True), (1, False), (2, True)]
     never = children[1]
     assert (never.overrides, never.run_dir, never.finished) == (jobs[1], None, False)
-    assert never.action == "never started: run it on its own"
+    assert never.action == "start (never reached)"
+    assert [c.todo for c in children] == [False, True, False]
     assert with_unstarted([done], None) == [done]  # another sweeper: only what jobs left
     assert report(children) == 1
     assert "2 of 3 sweep jobs did not finish (job 1, 2)" in capsys.readouterr().err
