@@ -89,7 +89,10 @@ SYMBOLS: dict[str, tuple[str, str]] = {
         "skip_muon_import (the names it imports from original_muon)",
     ),
     "launcher.runner.main": ("runner.main", "fastexit: ends only by returning or sys.exit"),
-    "launcher.launch.main": ("launch.main", "fastexit: ends only by returning or sys.exit"),
+    "launcher.launch.main": (
+        "launch.main",
+        "fastexit: ends only by returning or sys.exit; polls its ranks between time.sleep(1)",
+    ),
 }
 
 

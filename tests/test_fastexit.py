@@ -1,18 +1,21 @@
 """moelab.fastexit: the process ends with its code, its exit handlers run and its output is
 flushed; a running non-daemon thread still gets to finish. DeepSpeed's runner and launch.py,
-under moelab's sitecustomize, end as they would have but for the module teardown."""
+under moelab's sitecustomize, end as they would have but for the module teardown, and launch.py
+ends as soon as its rank has, not one to two seconds later."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launcher.render import free_port
-from moelab import startup
+from moelab import fastexit, startup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +99,11 @@ def test_deepspeeds_launchers_skip_teardown_with_the_ranks_status(
     assert out.returncode == code, out.stderr[-3000:]
     assert torn_down(tmp_path) == ["rank.py"], out.stderr[-3000:]
     assert torn_down(tmp_path, "atexit") == ["deepspeed", "launch", "rank.py"]
+    # Unhooked, launch.py sleeps a whole second after it has seen the rank exit 0 (and looks
+    # only once a second): its exit handler would run 1 s after the rank's teardown or later.
+    rank_gone, launch_done = (tmp_path / "rank.py.teardown", tmp_path / "launch.atexit")
+    lag = (launch_done.stat().st_mtime_ns - rank_gone.stat().st_mtime_ns) / 1e9
+    assert lag < 1.0, f"launch.py ended {lag:.2f} s after its rank"
 
 
 def test_a_launcher_that_raises_tears_down_and_fails(tmp_path: Path) -> None:
@@ -105,3 +113,43 @@ def test_a_launcher_that_raises_tears_down_and_fails(tmp_path: Path) -> None:
     out = ds_launch(tmp_path, argv)
     assert out.returncode == 1 and "Traceback" in out.stderr, out.stderr[-3000:]
     assert torn_down(tmp_path) == ["launch"]
+
+
+# moelab.fastexit.sleep_until_a_child_exits in a process of its own (pytest's may hold children
+# of other tests): seconds each call took, requested 30 (or 0.5: the stale child).
+WAKING = """
+import json, subprocess, sys, time
+from moelab.fastexit import sleep_until_a_child_exits as wait
+def took(seconds):
+    t = time.monotonic(); wait(seconds); return time.monotonic() - t
+child = subprocess.Popen(["sleep", "0.3"])
+out = {"exits": took(30), "exited": child.poll()}
+out["none_left"] = took(30)
+stray = subprocess.Popen(["true"])  # never reaped below: not the caller's
+out["stray_first"], out["stray_again"] = took(30), took(0.5)
+print(json.dumps(out))
+"""
+
+
+def test_a_waking_sleep_ends_when_a_child_exits_or_none_is_left() -> None:
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", WAKING], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    took = json.loads(proc.stdout)
+    assert took["exits"] < 20 and took["exited"] == 0, took  # `sleep 0.3` ended it
+    assert took["none_left"] < 20, took
+    assert took["stray_first"] < 20, took
+    assert took["stray_again"] >= 0.5, f"a child nobody reaps woke the next sleep too: {took}"
+
+
+def test_only_deepspeeds_launch_gets_the_waking_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", time.sleep)  # restored after the test
+    original = time.sleep
+    for argv in (["python", "-u", "-m", "moelab.train"], ["deepspeed", "--num_gpus=1", "x.py"]):
+        fastexit.wake_deepspeed_launch_on_rank_exit(argv)
+        assert time.sleep is original, argv
+    fastexit.wake_deepspeed_launch_on_rank_exit(["python", "-u", "-m", fastexit.DEEPSPEED_LAUNCH])
+    assert time.sleep is not original
+    t = time.monotonic()
+    time.sleep(0.3)  # called from here, not from launch.py: a plain sleep, children or not
+    assert time.monotonic() - t >= 0.3

@@ -8,6 +8,9 @@ MLflow's), and output is flushed.
 DeepSpeed's own launcher processes, its runner (`deepspeed`) and the per-host
 `deepspeed.launcher.launch`, skip it too (`skip_deepspeed_launcher_teardown`, from moelab's
 sitecustomize): about 0.8 s each, paid one after the other after the last rank has exited.
+And `launch.py`, which looks at its ranks once a second and sleeps one second more after the
+last has gone, notices their exit at once (`wake_deepspeed_launch_on_rank_exit`): 1-2 s less
+at the end of every run.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import atexit
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 # The modules whose `main` is DeepSpeed's runner and its per-host launcher.
 DEEPSPEED_LAUNCHERS = ("deepspeed.launcher.runner", "deepspeed.launcher.launch")
+DEEPSPEED_LAUNCH = DEEPSPEED_LAUNCHERS[1]
+CHILD_POLL_S = 0.1  # how often a waking sleep looks for an exited child
 
 _exit_statuses: list[str | int | None] = []  # what this process passed to sys.exit, in order
 
@@ -74,3 +81,47 @@ def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
+
+
+def wake_deepspeed_launch_on_rank_exit(argv: list[str] | None = None) -> None:
+    """In DeepSpeed's per-host `launch.py` only (`python -m deepspeed.launcher.launch`): the
+    `time.sleep(1)` of its loop over the ranks (fingerprinted in tests/test_dscompat.py) ends
+    as soon as a rank has exited, and at once when none is left. Other sleeps are unchanged."""
+    argv = sys.orig_argv if argv is None else argv
+    launched = "-m" in argv[:-1] and argv[argv.index("-m") + 1] == DEEPSPEED_LAUNCH
+    if not launched or not hasattr(os, "waitid"):  # waitid: Linux, not macOS
+        return
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        spec = sys._getframe(1).f_globals.get("__spec__")
+        if getattr(spec, "name", None) == DEEPSPEED_LAUNCH:
+            sleep_until_a_child_exits(seconds, real_sleep)
+        else:
+            real_sleep(seconds)
+
+    time.sleep = sleep  # type: ignore[assignment]  # (seconds: float), as DeepSpeed calls it
+
+
+_stale_child: list[int] = []  # a child that ended a sleep early yet was never reaped after it
+
+
+def sleep_until_a_child_exits(
+    seconds: float, real_sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Sleep `seconds`, or less: until a child of this process has exited (it is left for its
+    owner to reap), or not at all when this process has no child left. A child that already
+    ended one such sleep and is still not reaped (not the caller's) wakes no other."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if exited is not None and exited.si_pid not in _stale_child:
+            _stale_child[:] = [exited.si_pid]
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        real_sleep(min(left, CHILD_POLL_S))

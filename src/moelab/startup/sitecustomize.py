@@ -6,8 +6,10 @@ Each of them imports DeepSpeed, whose autotuner imports MLflow: about 2 s of CPU
 on a 2-core VM (and about 1 s more in its teardown at exit), though none of them uses it.
 `defer_mlflow_import` makes that import instant until MLflow is first used. DeepSpeed's runner
 and `launch.py` then end without the interpreter's module teardown (about 0.8 s each, after the
-ranks are done: `moelab.fastexit.skip_deepspeed_launcher_teardown`). Then the sitecustomize
-module this one shadows on sys.path, if any, runs as it would have.
+ranks are done: `moelab.fastexit.skip_deepspeed_launcher_teardown`), and `launch.py` notices
+its ranks' exit at once instead of within a second and a second later
+(`moelab.fastexit.wake_deepspeed_launch_on_rank_exit`). Then the sitecustomize module this one
+shadows on sys.path, if any, runs as it would have.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import sys
 
 def _moelab_hooks() -> None:
     try:
-        from moelab.fastexit import skip_deepspeed_launcher_teardown
+        from moelab.fastexit import (
+            skip_deepspeed_launcher_teardown,
+            wake_deepspeed_launch_on_rank_exit,
+        )
     except ImportError:  # a host whose Python lacks moelab: nothing to hook with
         return
     skip_deepspeed_launcher_teardown()  # before any other import: its exit handler runs last
+    wake_deepspeed_launch_on_rank_exit()
     from moelab.dscompat import defer_mlflow_import
 
     defer_mlflow_import()
