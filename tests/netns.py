@@ -21,6 +21,14 @@ IFNAME = "eth77"  # the same name in both namespaces, so one GLOO_SOCKET_IFNAME 
 HOSTNAMES = ("moelab-a", "moelab-b")
 
 
+@dataclass(frozen=True)
+class HostProcess:
+    """What /proc shows of a process on one of the hosts."""
+
+    env: dict[str, str]
+    cpus: frozenset[int]  # the CPUs it may run on (its affinity)
+
+
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=60)
 
@@ -77,14 +85,16 @@ class TwoHosts:
         stats = json.loads(out.stdout)[0]["stats64"]
         return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
 
-    def environ_of(self, n: int, needle: str) -> dict[str, str] | None:
-        """The environment of a process on host `n` whose command line contains `needle`."""
+    def process_of(self, n: int, needle: str) -> HostProcess | None:
+        """The environment and CPUs of a process on host `n` whose command line contains
+        `needle`."""
         for pid in sh("ip", "netns", "pids", self.namespaces[n], check=False).stdout.split():
             with contextlib.suppress(OSError):
                 if needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                     pairs = (v.decode(errors="replace").partition("=") for v in raw if v)
-                    return {k: v for k, _, v in pairs}
+                    env = {k: v for k, _, v in pairs}
+                    return HostProcess(env, frozenset(os.sched_getaffinity(int(pid))))
         return None
 
     def hostfile(self) -> Path:

@@ -171,6 +171,7 @@ def test_backends_render(tmp_path: Path) -> None:
     assert "--master_addr=h1" in no_ssh.commands[1]
     assert (tmp_path / "no_ssh" / "node_1.sh").read_text().count("--node_rank=1") == 1
     assert runs["openmpi"].command[:2] == ["deepspeed", "--launcher=openmpi"]
+    assert runs["openmpi"].command[2].startswith("--launcher_args=--bind-to none ")  # unpinned
     sbatch = (tmp_path / "slurm" / "job.sbatch").read_text()
     assert "#SBATCH --nodes=2" in sbatch and "srun --ntasks-per-node=1" in sbatch
     assert '--node_rank="$SLURM_NODEID"' in sbatch and "slots=8" in sbatch

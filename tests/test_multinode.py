@@ -11,6 +11,7 @@ the bytes counted on host b's end of the link must cover the all-to-all bytes it
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import launcher_env, unavailable
-from netns import HOSTNAMES, IFNAME, TwoHosts
+from netns import HOSTNAMES, IFNAME, HostProcess, TwoHosts
 
 TRAIN = [
     *("model=tiny_moe_top2", "zero=stage2", "parallel=ep2", "train=smoke", "train.steps=8"),
@@ -32,6 +33,8 @@ TRAIN = [
 PROBE = "MOELAB_PROBE"
 RANK = "\0-m\0moelab.train\0"
 """In the command line of a rank (python -m moelab.train), not of DeepSpeed's launcher."""
+CPUS = frozenset(os.sched_getaffinity(0))
+"""The CPUs a rank may run on, as every process here: no backend pins a rank to fewer."""
 
 
 class LinkBytes:
@@ -45,25 +48,25 @@ class LinkBytes:
         return self.bytes
 
 
-class RankEnv(threading.Thread):
-    """The environment of host b's rank, read from /proc while the run lasts."""
+class RankOnB(threading.Thread):
+    """Host b's rank as /proc shows it (environment, CPUs), read while the run lasts."""
 
     def __init__(self, hosts: TwoHosts) -> None:
         super().__init__(daemon=True)
         self.hosts, self.done = hosts, threading.Event()
-        self.env: dict[str, str] | None = None
+        self.seen: HostProcess | None = None
         self.start()
 
     def run(self) -> None:
-        while self.env is None and not self.done.is_set():
-            self.env = self.hosts.environ_of(1, RANK)
+        while self.seen is None and not self.done.is_set():
+            self.seen = self.hosts.process_of(1, RANK)
             time.sleep(0.1)
 
-    def stop(self) -> dict[str, str]:
+    def stop(self) -> HostProcess:
         self.done.set()
         self.join(timeout=10)
-        assert self.env is not None, "no rank was seen on host b"
-        return self.env
+        assert self.seen is not None, "no rank was seen on host b"
+        return self.seen
 
 
 def a2a_bytes_sent(client: MlflowClient, run: Any) -> float:
@@ -118,9 +121,9 @@ def hydra_quoted(value: str) -> str:
 
 def launch_over_ssh(
     hosts: TwoHosts, workdir: Path, cache: Path, args: list[str], env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess[str], LinkBytes, dict[str, str]]:
-    """`moelab-launch ARGS` on host a; the link's bytes and host b's rank environment."""
-    link, rank_env = LinkBytes(hosts), RankEnv(hosts)
+) -> tuple[subprocess.CompletedProcess[str], LinkBytes, HostProcess]:
+    """`moelab-launch ARGS` on host a; the link's bytes and host b's rank."""
+    link, rank = LinkBytes(hosts), RankOnB(hosts)
     proc = subprocess.run(
         [*hosts.in_ns(0), sys.executable, "-m", "launcher", *args, *TRAIN],
         cwd=workdir,
@@ -131,7 +134,7 @@ def launch_over_ssh(
     )
     link.stop()
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    return proc, link, rank_env.stop()
+    return proc, link, rank.stop()
 
 
 @pytest.mark.slow
@@ -139,9 +142,10 @@ def test_hostfile_over_pdsh_ssh(two_hosts: TwoHosts, tmp_path: Path, shared_cach
     """Also: a cluster.env value with spaces, quotes, `;`, $(...), backquotes, a backslash and
     %-sequences reaches host b's rank as it is, and no part of it runs as a command."""
     args, value = over_ssh_with_probe(two_hosts, "hostfile", tmp_path)
-    proc, link, rank_env = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, {})
+    proc, link, rank = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, {})
     assert "pdsh" in proc.stdout, "the runner went through pdsh"
-    assert rank_env.get(PROBE) == value
+    assert rank.env.get(PROBE) == value
+    assert rank.cpus == CPUS, f"host b's rank may run on CPUs {sorted(rank.cpus)} only"
     assert not (tmp_path / "injected").exists(), "part of a cluster.env value ran as a command"
     check_run(tmp_path, link)
 
@@ -167,9 +171,11 @@ def test_openmpi_over_ssh(two_hosts: TwoHosts, tmp_path: Path, shared_cache: Pat
         unavailable("cluster=openmpi needs mpi4py (DeepSpeed's MPI discovery) in the venv")
     args, value = over_ssh_with_probe(two_hosts, "openmpi", tmp_path)
     root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    proc, link, rank_env = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, root)
+    proc, link, rank = launch_over_ssh(two_hosts, tmp_path, shared_cache, args, root)
     assert "mpirun" in proc.stdout, "the runner went through mpirun"
-    assert rank_env.get(PROBE) == value and rank_env.get("OMPI_COMM_WORLD_RANK") == "1"
+    assert rank.env.get(PROBE) == value and rank.env.get("OMPI_COMM_WORLD_RANK") == "1"
+    # mpirun would pin each rank to one core (both hosts' rank to core 0 here, one machine)
+    assert rank.cpus == CPUS, f"host b's rank may run on CPUs {sorted(rank.cpus)} only"
     assert not (tmp_path / "injected").exists(), "part of a cluster.env value ran as a command"
     check_run(tmp_path, link, node_ids=False)
 

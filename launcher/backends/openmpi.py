@@ -20,10 +20,13 @@ class OpenMpi(MultiHost):
 
 
 def mpirun_args(cfg: MoelabConfig, env: dict[str, str]) -> str:
-    """mpirun options: ssh options, the interface between hosts, and `-x NAME` for each rank
-    variable (mpirun copies its value from its own environment, command.sh's exports, as it is:
-    DeepSpeed's `-x NAME=VALUE` would keep the quotes it adds around values with spaces)."""
-    c, args = cfg.cluster, []
+    """mpirun options: no core binding, ssh options, the interface between hosts, and `-x NAME`
+    for each rank variable (mpirun copies its value from its own environment, command.sh's
+    exports, as it is: DeepSpeed's `-x NAME=VALUE` would keep the quotes it adds around values
+    with spaces)."""
+    # mpirun binds each rank to one core (2 ranks or fewer) or one socket; DeepSpeed's other
+    # launchers bind nothing, and a rank's threads (train.threads_per_rank) assume its host's cores
+    c, args = cfg.cluster, ["--bind-to", "none"]
     if c.ssh_args:
         args += ["--mca", "plm_rsh_args", c.ssh_args]
     if c.socket_ifname:
