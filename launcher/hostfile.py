@@ -115,6 +115,20 @@ def _check_filter(key: str, spec: str, pool: OrderedDict[str, int]) -> None:
             raise ConfigError(f"{key}={spec!r} names host {host!r}, which the hostfile lacks.")
 
 
+def filtered(pool: OrderedDict[str, int], include: str, exclude: str) -> dict[str, list[int]]:
+    """Each host's slots left by DeepSpeed's own include/exclude parser. Without a filter that
+    parser returns every slot, and DeepSpeed (torch, seconds to import) is not loaded for it."""
+    if not include and not exclude:
+        return OrderedDict((host, list(range(slots))) for host, slots in pool.items())
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    try:
+        active: dict[str, list[int]] = parse_inclusion_exclusion(pool, include, exclude)
+    except ValueError as err:
+        raise ConfigError(f"cluster.include/exclude: {err}.") from None
+    return active
+
+
 def active_resources(cluster: ClusterConfig) -> Resources:
     """Apply DeepSpeed's own include/exclude parser and num_nodes to the hostfile."""
     assert cluster.hostfile is not None
@@ -123,12 +137,7 @@ def active_resources(cluster: ClusterConfig) -> Resources:
     _check_filter("cluster.exclude", cluster.exclude, pool)
     if cluster.include and cluster.exclude:
         raise ConfigError("cluster.include and cluster.exclude are exclusive; set only one.")
-    from deepspeed.launcher.runner import parse_inclusion_exclusion
-
-    try:
-        active = parse_inclusion_exclusion(pool, cluster.include, cluster.exclude)
-    except ValueError as err:
-        raise ConfigError(f"cluster.include/exclude: {err}.") from None
+    active = filtered(pool, cluster.include, cluster.exclude)
     hosts = OrderedDict((h, list(s)) for h, s in active.items() if s)
     if cluster.num_nodes > 0:
         if cluster.num_nodes > len(hosts):

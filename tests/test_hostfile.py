@@ -113,6 +113,22 @@ def test_good_hostfile_sets_world(tmp_path: Path) -> None:
     assert resolve_hosts(cfg) is not None and cfg.world_size == 3
 
 
+def test_without_a_filter_the_slots_are_deepspeeds() -> None:
+    """No include/exclude: every slot of every host, in file order, as DeepSpeed's parser says
+    (the launcher then does not load DeepSpeed); with one, DeepSpeed's parser decides."""
+    from collections import OrderedDict
+
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    from launcher.hostfile import filtered
+
+    pool = OrderedDict([("b", 2), ("a", 3), ("c", 1)])
+    assert filtered(pool, "", "") == parse_inclusion_exclusion(pool, "", "")
+    assert list(filtered(pool, "", "").items()) == [("b", [0, 1]), ("a", [0, 1, 2]), ("c", [0])]
+    assert filtered(pool, "", "a:1") == parse_inclusion_exclusion(pool, "", "a:1")
+    assert filtered(pool, "", "a:1")["a"] == [0, 2]
+
+
 def test_plain_host_names() -> None:
     for ok in ("node1", "gpu-node-01.cluster.local", "10.77.0.1", "::1", "a_b"):
         assert is_plain_host(ok), ok

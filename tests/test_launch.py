@@ -46,6 +46,7 @@ def test_dry_run_renders_without_running(tmp_path: Path, shared_cache: Path) -> 
 
 
 HEAVY = ("torch", "deepspeed", "mlflow", "transformers", "datasets")
+HOSTS = ("cluster.hostfile=hosts", "cluster.no_ssh_check=true")  # two hosts, one slot each
 IMPORTS = """
 import atexit, runpy, sys
 sys.argv = ["moelab-launch", *sys.argv[1:]]
@@ -62,18 +63,30 @@ runpy.run_module("launcher", run_name="__main__")
         (["model=tiny_moe_top2", "parallel=ep2", "launch.dry_run=true"], 0),
         (["model=tiny_moe_top2", "parallel.ep_size=3"], 2),  # a validation error
         (["resume", "nowhere"], 2),
+        (
+            [
+                "model=tiny_moe_top2",
+                "parallel=ep2",
+                "cluster=hostfile",
+                *HOSTS,
+                "launch.dry_run=true",
+            ],
+            0,
+        ),
     ],
-    ids=["help", "dry_run", "invalid", "bad_resume"],
+    ids=["help", "dry_run", "invalid", "bad_resume", "dry_run_hostfile"],
 )
 def test_cli_paths_that_start_no_run_import_nothing_heavy(
     args: list[str], exit_code: int, tmp_path: Path, shared_cache: Path
 ) -> None:
-    """--help, a dry run and a refused config import neither torch, DeepSpeed nor MLflow."""
+    """--help, a dry run (also of a multi-host run: no host filter to parse with DeepSpeed's
+    parser) and a refused config import neither torch, DeepSpeed nor MLflow."""
     import subprocess
     import sys
 
     from helpers import launcher_env
 
+    (tmp_path / "hosts").write_text("h1 slots=1\nh2 slots=1\n")
     code = IMPORTS.format(heavy=HEAVY)
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
