@@ -149,8 +149,9 @@ def slurm_conf(d: Path, ports: list[int], net: NodeNetwork) -> str:
             f"ClusterName=moelab{os.getpid() % 10000}",
             f"SlurmctldHost={host}({net.controller})",
             "SlurmUser=root",
-            # cred_expire is also how long a requeued job waits to start again (default 120 s)
-            f"AuthInfo=socket={d}/munge.sock,cred_expire=20",
+            # cred_expire is also how long a requeued job waits to start again (default 120 s,
+            # at least 5); a step's credential must reach slurmd within it (here: on one host)
+            f"AuthInfo=socket={d}/munge.sock,cred_expire=10",
             f"SlurmctldPort={ports[0]}",
             f"StateSaveLocation={d}/state",
             f"SlurmdSpoolDir={d}/spool/%n",
