@@ -438,13 +438,16 @@ print(f"rank {os.environ['RANK']} local {os.environ['LOCAL_RANK']} "
 def test_node_ranks_get_the_nodes_gpus(tmp_path: Path) -> None:
     """The real per-node chain on node 1 of two (no Slurm needed): `launcher.slurm_job
     node` then DeepSpeed's runner and per-node launcher start 2 ranks that see
-    CUDA_VISIBLE_DEVICES=2,3, what Slurm set for the node, where DeepSpeed alone would set 0,1."""
+    CUDA_VISIBLE_DEVICES=2,3, what Slurm set for the node, where DeepSpeed alone would set 0,1.
+    PYTHONPATH as job.sbatch exports it: moelab's start-up folder first."""
     from helpers import REPO, free_port
+    from moelab import startup
 
     (tmp_path / "hostfile.slurm").write_text("n1 slots=2\nn2 slots=2\n")
     (tmp_path / "show.py").write_text(SHOW_RANK)
     env = launcher_env(tmp_path, tmp_path / "cache") | {
-        "SLURM_NODEID": "1", "CUDA_VISIBLE_DEVICES": "2,3", "PYTHONPATH": str(REPO),
+        "SLURM_NODEID": "1", "CUDA_VISIBLE_DEVICES": "2,3",
+        "PYTHONPATH": f"{startup.FOLDER}:{REPO / 'src'}:{REPO}",
     }  # fmt: skip
     node = [
         sys.executable,
