@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 import pytest
 
+from moelab import startup
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -33,10 +35,11 @@ def free_port() -> int:
 
 
 def one_rank_env() -> dict[str, str]:
-    """Environment of a one-rank gloo world for a child process (moelab and tests importable)."""
+    """Environment of a one-rank gloo world for a child process (moelab and tests importable;
+    moelab's start-up folder first, as in a rank's environment)."""
     return {
         "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": f"{REPO / 'src'}:{REPO}:{REPO / 'tests'}",
+        "PYTHONPATH": f"{startup.FOLDER}:{REPO / 'src'}:{REPO}:{REPO / 'tests'}",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "RANK": "0",
