@@ -3,6 +3,7 @@ change to the sources or the cache falls back to the full preparation."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 
 from helpers import launcher_env
 from moelab import data
-from moelab.config import DataConfig, MoelabConfig, TrainConfig, load_config
+from moelab.config import ClusterConfig, DataConfig, MoelabConfig, TrainConfig, load_config
 from moelab.datacache import ready, receipt_path
 
 STARTED = "the command started"
@@ -39,6 +40,7 @@ def config(tmp_path: Path) -> Path:
             cache_dir=str(tmp_path / "cache"),
         ),
         train=TrainConfig(micro_batch_size=1),
+        cluster=ClusterConfig(nproc_per_node=1),  # world size 1, as the launcher resolves it
     )
     path = tmp_path / "config.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -77,10 +79,28 @@ def test_a_valid_receipt_starts_the_command_without_torch(config: Path) -> None:
     assert imported.isdisjoint({"torch", "datasets", "transformers"}), sorted(imported)
 
 
-@pytest.mark.parametrize("change", ["edit", "add", "delete_cache", "other_batch", "none"])
+HOLDS = ("none", "other_batch", "other_world")
+"""Changes the receipt survives: the run asks no more than the prepared data holds."""
+
+
+def ask(config: Path, key: str, value: int) -> None:
+    """Set `key` (section.field) in the run's config.yaml."""
+    cfg = OmegaConf.load(config)
+    OmegaConf.update(cfg, key, value)
+    config.write_text(OmegaConf.to_yaml(cfg))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["edit", "add", "delete_cache", "batch_too_big", "vocab_too_small", *HOLDS],
+)
 def test_any_change_voids_the_receipt(config: Path, change: str) -> None:
+    """Changed sources or cache void it; so does a run the data cannot feed (a micro-batch per
+    rank in each split, token ids inside the vocabulary), whose full preparation then says
+    why. Another micro-batch or world size the data can feed keeps it."""
     data.main(["--config", str(config)])
     assert ready(load_config(config)) is not None
+    counts = json.loads(receipt_path(load_config(config)).read_text())["counts"]
     corpus, cache = config.parent / "corpus", config.parent / "cache"
     if change == "edit":
         (corpus / "doc0.txt").write_text("An edited document, longer than before.\n" * 80)
@@ -88,14 +108,22 @@ def test_any_change_voids_the_receipt(config: Path, change: str) -> None:
         (corpus / "doc9.txt").write_text("A new document.\n" * 60)
     elif change == "delete_cache":
         shutil.rmtree(cache / "blocks")
-    elif change == "other_batch":  # the preparation checks every rank gets a batch: own receipt
-        cfg = OmegaConf.load(config)
-        cfg.train.micro_batch_size = 2
-        config.write_text(OmegaConf.to_yaml(cfg))
+    elif change == "batch_too_big":
+        ask(config, "train.micro_batch_size", counts["val_blocks"] + 1)
+    elif change == "vocab_too_small":
+        ask(config, "model.vocab_size", 64)
+    elif change == "other_batch":
+        ask(config, "train.micro_batch_size", 2)
+    elif change == "other_world":
+        ask(config, "cluster.nproc_per_node", 2)
     held = ready(load_config(config))
-    assert (held is not None) == (change == "none"), held
-    if change == "none":
+    assert (held is not None) == (change in HOLDS), (held, counts)
+    if held is not None:
         assert held.endswith("validation blocks of 16 tokens") and " train and " in held
+    elif change in ("batch_too_big", "vocab_too_small"):
+        with pytest.raises(SystemExit) as err:
+            data.main(["--config", str(config)])
+        assert err.value.code == 2
 
 
 def test_the_receipt_is_keyed_by_the_data_settings(config: Path) -> None:

@@ -362,7 +362,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{p.num_train_blocks} train and {p.num_val_blocks} validation blocks of {p.seq_len} tokens"
     )
     print(f"moelab: data ready ({how}, {time.perf_counter() - start:.1f} s): {summary}", flush=True)
-    datacache.write_receipt(cfg, [p.path, p.tokenizer_dir], summary)
+    counts = {
+        "train_blocks": p.num_train_blocks,
+        "val_blocks": p.num_val_blocks,
+        "vocab_size": p.vocab_size,
+    }
+    datacache.write_receipt(cfg, [p.path, p.tokenizer_dir], summary, counts)
     if argv[cut + 1 :]:
         os.execvp(argv[cut + 1], argv[cut + 1 :])
 

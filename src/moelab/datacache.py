@@ -23,18 +23,13 @@ from typing import Any
 
 from moelab.config import MoelabConfig, load_config
 
-FORMAT = 1
+FORMAT = 2
 
 
 def receipt_path(cfg: MoelabConfig) -> Path:
-    """The receipt of this run's data: keyed by every setting that preparation depends on."""
-    payload = {
-        "format": FORMAT,
-        "data": asdict(cfg.data),
-        "micro_batch_size": cfg.train.micro_batch_size,
-        "world_size": cfg.world_size,
-        "padded_vocab_size": cfg.model.padded_vocab_size,
-    }
+    """The receipt of this run's data: keyed by every data setting that preparation depends on
+    (what the run asks of the data, batch and vocabulary, is checked against its counts)."""
+    payload = {"format": FORMAT, "data": asdict(cfg.data)}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     return Path(cfg.data.cache_dir) / "receipts" / f"{digest.hexdigest()[:20]}.json"
 
@@ -65,17 +60,34 @@ def _stamps(files: list[str]) -> list[list[Any]]:
     return stamps
 
 
-def write_receipt(cfg: MoelabConfig, dirs: list[Path], summary: str) -> None:
-    """Record a successful preparation (`dirs`: the cached blocks and tokenizer)."""
+def write_receipt(
+    cfg: MoelabConfig, dirs: list[Path], summary: str, counts: dict[str, int]
+) -> None:
+    """Record a successful preparation (`dirs`: the cached blocks and tokenizer; `counts`:
+    train_blocks, val_blocks and vocab_size, what `fits` checks a later run against)."""
     files = source_files(cfg)
     if files is None:
         return
     path = receipt_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"files": _stamps(files), "dirs": [str(d) for d in dirs], "summary": summary}
+    body = {
+        "files": _stamps(files),
+        "dirs": [str(d) for d in dirs],
+        "summary": summary,
+        "counts": counts,
+    }
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(body))
     tmp.replace(path)
+
+
+def fits(cfg: MoelabConfig, counts: dict[str, int]) -> bool:
+    """The prepared data can feed this run: token ids inside the model's vocabulary, a full
+    micro-batch for every rank in both splits (else the full preparation says which fails)."""
+    need = cfg.train.micro_batch_size * cfg.world_size
+    return counts["vocab_size"] <= cfg.model.padded_vocab_size and (
+        min(counts["train_blocks"], counts["val_blocks"]) >= need
+    )
 
 
 def ready(cfg: MoelabConfig) -> str | None:
@@ -85,7 +97,7 @@ def ready(cfg: MoelabConfig) -> str | None:
         files = source_files(cfg)
         if files is None or body["files"] != _stamps(files):
             return None
-        if not all(Path(d).is_dir() for d in body["dirs"]):
+        if not all(Path(d).is_dir() for d in body["dirs"]) or not fits(cfg, body["counts"]):
             return None
         return str(body["summary"])
     except (OSError, ValueError, KeyError, TypeError):
